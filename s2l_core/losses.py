@@ -1,0 +1,367 @@
+"""The Scribble2Label loss: partial cross-entropy plus confident EMA pseudo-labels.
+
+Label encoding (see :mod:`s2l_core.scribbles`): ``0`` background, ``1`` foreground,
+``250`` unlabelled. Every loss here ignores label ``250``.
+
+The loss of Scribble2Label (Lee & Jeong, MICCAI 2020) is
+
+.. math::
+
+    L = \\mathrm{pCE}(\\text{scribbles}) + \\lambda \\, \\mathrm{CE}(\\text{pseudo-labels}),
+
+where both terms are means over their own valid pixels in the whole batch. A pixel gets
+a pseudo-label only where it is unscribbled and the running average (EMA) of the
+network's foreground probability is confident: foreground where ``ema > tau``,
+background where ``ema < 1 - tau`` (strict inequalities). During warm-up only the pCE
+term is used.
+
+Differences from the original code, on purpose:
+
+- a batch without any valid pixel gives a loss of exactly zero that is still connected
+  to the logits (``backward`` works and yields zero gradients) instead of a NaN mean;
+- the cross-entropy is always computed in float32, with autocast disabled, whatever
+  the dtype of the logits;
+- an optional ``valid`` mask marks pixels that carry no information (padding added by a
+  geometric augmentation, EMA entries never computed); they are ignored by both terms.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+
+from s2l_core.scribbles import BACKGROUND, FOREGROUND, UNLABELLED
+
+__all__ = [
+    "LossParts",
+    "check_tau",
+    "partial_cross_entropy",
+    "pseudo_label_cross_entropy",
+    "pseudo_label_targets",
+    "scribble2label_loss",
+]
+
+
+# --------------------------------------------------------------------------- checks
+
+
+def _check_logits(logits: torch.Tensor) -> None:
+    if not isinstance(logits, torch.Tensor):
+        raise TypeError(f"logits must be a torch.Tensor, got {type(logits).__name__}")
+    if logits.ndim != 4 or logits.shape[1] != 2:
+        raise ValueError(
+            f"logits must have shape (N, 2, H, W) (two classes: background, foreground), "
+            f"got shape {tuple(logits.shape)}"
+        )
+    if not logits.dtype.is_floating_point:
+        raise TypeError(f"logits must be a floating-point tensor, got dtype {logits.dtype}")
+
+
+def _is_integer_dtype(dtype: torch.dtype) -> bool:
+    return not dtype.is_floating_point and not dtype.is_complex and dtype != torch.bool
+
+
+def _check_label_map(
+    labels: torch.Tensor, name: str, shape: tuple[int, ...], device: torch.device
+) -> None:
+    """Check a label map of shape (N, H, W) with values in {0, 1, 250}."""
+    if not isinstance(labels, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(labels).__name__}")
+    if not _is_integer_dtype(labels.dtype):
+        raise TypeError(
+            f"{name} must be an integer tensor (0 background, 1 foreground, "
+            f"{UNLABELLED} unlabelled), got dtype {labels.dtype}"
+        )
+    if tuple(labels.shape) != shape:
+        raise ValueError(
+            f"{name} must have shape (N, H, W) = {shape} to match the logits, "
+            f"got shape {tuple(labels.shape)}"
+        )
+    if labels.device != device:
+        raise ValueError(f"{name} is on {labels.device} but the logits are on {device}")
+    known = (labels == BACKGROUND) | (labels == FOREGROUND) | (labels == UNLABELLED)
+    if not bool(known.all()):
+        bad = torch.unique(labels[~known])[:10].tolist()
+        raise ValueError(
+            f"{name} contains unknown label values {bad}; allowed are {BACKGROUND} "
+            f"(background), {FOREGROUND} (foreground) and {UNLABELLED} (unlabelled)"
+        )
+
+
+def _check_valid(valid: torch.Tensor | None, shape: tuple[int, ...], device: torch.device) -> None:
+    if valid is None:
+        return
+    if not isinstance(valid, torch.Tensor):
+        raise TypeError(f"valid must be a torch.Tensor or None, got {type(valid).__name__}")
+    if valid.dtype != torch.bool:
+        raise TypeError(f"valid must be a bool tensor, got dtype {valid.dtype}")
+    if tuple(valid.shape) != shape:
+        raise ValueError(f"valid must have shape (N, H, W) = {shape}, got {tuple(valid.shape)}")
+    if valid.device != device:
+        raise ValueError(f"valid is on {valid.device} but expected {device}")
+
+
+def check_tau(tau: float) -> float:
+    """Validate the confidence threshold ``tau`` and return it as a float.
+
+    Parameters
+    ----------
+    tau : float
+        Confidence threshold; must lie in ``(0.5, 1]``. With ``tau <= 0.5`` a pixel
+        could be confident foreground and background at once.
+
+    Returns
+    -------
+    float
+        ``tau`` as a Python float.
+    """
+    if isinstance(tau, bool) or not isinstance(tau, (int, float)):
+        raise TypeError(f"tau must be a real number, got {type(tau).__name__}")
+    tau = float(tau)
+    if not (0.5 < tau <= 1.0):
+        raise ValueError(f"tau must lie in (0.5, 1], got {tau}")
+    return tau
+
+
+# --------------------------------------------------------------------------- losses
+
+
+def _masked_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean CE over pixels whose target is not ``UNLABELLED``; zero-with-grad if none.
+
+    Inputs are assumed validated. Computed in float32 with autocast disabled.
+    """
+    with torch.autocast(device_type=logits.device.type, enabled=False):
+        logits32 = logits.float()
+        target = targets.long()
+        total = F.cross_entropy(logits32, target, ignore_index=UNLABELLED, reduction="sum")
+        count = (target != UNLABELLED).sum()
+        # With no valid pixel ``total`` is an exact 0 that still depends on the logits,
+        # and the clamp keeps the division finite: the result is 0 with zero gradients.
+        return total / count.clamp(min=1).to(total.dtype)
+
+
+def partial_cross_entropy(logits: torch.Tensor, scribbles: torch.Tensor) -> torch.Tensor:
+    """Partial cross-entropy (pCE) on the scribbled pixels of a batch.
+
+    Parameters
+    ----------
+    logits : torch.Tensor
+        Network output of shape (N, 2, H, W), any floating dtype; channel 0 is
+        background, channel 1 foreground (softmax over the channel axis).
+    scribbles : torch.Tensor
+        Integer tensor of shape (N, H, W), on the same device: ``0`` background,
+        ``1`` foreground, ``250`` unlabelled (ignored).
+
+    Returns
+    -------
+    torch.Tensor
+        Scalar float32: the cross-entropy averaged over all scribbled pixels of the
+        batch (not per image). A batch without a scribbled pixel gives ``0`` connected
+        to ``logits`` (its gradient is all zeros), never NaN.
+
+    Raises
+    ------
+    TypeError, ValueError
+        On a wrong shape, dtype or device, or a label value other than 0, 1, 250.
+    """
+    _check_logits(logits)
+    shape = (logits.shape[0], logits.shape[2], logits.shape[3])
+    _check_label_map(scribbles, "scribbles", shape, logits.device)
+    return _masked_cross_entropy(logits, scribbles)
+
+
+def pseudo_label_targets(
+    ema: torch.Tensor,
+    scribbles: torch.Tensor,
+    tau: float = 0.8,
+    valid: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Pseudo-label targets from the EMA of the foreground probability.
+
+    Parameters
+    ----------
+    ema : torch.Tensor
+        Floating tensor of shape (N, H, W): the running average of the foreground
+        probability, in ``[0, 1]`` at every valid pixel. The comparisons are made in the
+        dtype of ``ema`` (thresholds are rounded to it), so with a float32 map an entry
+        equal to ``float32(tau)`` is not confident.
+    scribbles : torch.Tensor
+        Integer tensor of shape (N, H, W), same device: ``0``/``1`` scribbled,
+        ``250`` unlabelled.
+    tau : float, default 0.8
+        Confidence threshold in ``(0.5, 1]``.
+    valid : torch.Tensor or None, default None
+        Bool tensor of shape (N, H, W), same device. Pixels where it is ``False``
+        (padding from augmentation, EMA entries never computed) get ``250`` and their
+        EMA values are not checked (they may be anything, NaN included).
+
+    Returns
+    -------
+    torch.Tensor
+        int64 tensor of shape (N, H, W): ``1`` where unscribbled, valid and
+        ``ema > tau``; ``0`` where unscribbled, valid and ``ema < 1 - tau``; ``250``
+        everywhere else (scribbled, unconfident or invalid pixels).
+
+    Raises
+    ------
+    TypeError, ValueError
+        On wrong shapes, dtypes or devices, unknown scribble values, EMA values outside
+        ``[0, 1]`` at valid pixels, or ``tau`` outside ``(0.5, 1]``.
+    """
+    tau = check_tau(tau)
+    if not isinstance(ema, torch.Tensor):
+        raise TypeError(f"ema must be a torch.Tensor, got {type(ema).__name__}")
+    if not ema.dtype.is_floating_point:
+        raise TypeError(f"ema must be a floating-point tensor, got dtype {ema.dtype}")
+    if ema.ndim != 3:
+        raise ValueError(f"ema must have shape (N, H, W), got shape {tuple(ema.shape)}")
+    shape = tuple(ema.shape)
+    _check_label_map(scribbles, "scribbles", shape, ema.device)
+    _check_valid(valid, shape, ema.device)
+
+    usable = scribbles == UNLABELLED
+    if valid is not None:
+        usable = usable & valid
+    checked = ema if valid is None else ema[valid]
+    in_range = (checked >= 0) & (checked <= 1)  # False for NaN as well
+    if not bool(in_range.all()):
+        bad = checked[~in_range]
+        raise ValueError(
+            f"ema must lie in [0, 1] at valid pixels; found {bad.numel()} value(s) outside, "
+            f"e.g. {bad[:5].tolist()}"
+        )
+
+    hi = torch.tensor(tau, dtype=ema.dtype, device=ema.device)
+    lo = torch.tensor(1.0 - tau, dtype=ema.dtype, device=ema.device)
+    targets = torch.full(shape, UNLABELLED, dtype=torch.int64, device=ema.device)
+    targets[usable & (ema > hi)] = FOREGROUND
+    targets[usable & (ema < lo)] = BACKGROUND
+    return targets
+
+
+def pseudo_label_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy against pseudo-label targets, averaged over labelled pixels.
+
+    Parameters
+    ----------
+    logits : torch.Tensor
+        Shape (N, 2, H, W), any floating dtype.
+    targets : torch.Tensor
+        Integer tensor of shape (N, H, W) with values in {0, 1, 250}, as returned by
+        :func:`pseudo_label_targets`; ``250`` is ignored.
+
+    Returns
+    -------
+    torch.Tensor
+        Scalar float32 mean over the non-ignored pixels of the batch; ``0`` with a zero
+        gradient when there is none.
+    """
+    _check_logits(logits)
+    shape = (logits.shape[0], logits.shape[2], logits.shape[3])
+    _check_label_map(targets, "targets", shape, logits.device)
+    return _masked_cross_entropy(logits, targets)
+
+
+@dataclass(frozen=True)
+class LossParts:
+    """Plain-number breakdown of :func:`scribble2label_loss` for logging.
+
+    Attributes
+    ----------
+    pce : float
+        Partial cross-entropy on scribbled pixels.
+    pseudo : float
+        Cross-entropy on pseudo-labelled pixels (0.0 during warm-up).
+    n_scribbled : int
+        Number of scribbled (valid) pixels in the batch.
+    n_pseudo : int
+        Number of pixels that received a pseudo-label.
+    pseudo_fraction : float
+        ``n_pseudo`` divided by the number of unscribbled valid pixels (0.0 if none).
+    """
+
+    pce: float
+    pseudo: float
+    n_scribbled: int
+    n_pseudo: int
+    pseudo_fraction: float
+
+    def as_dict(self) -> dict[str, float | int]:
+        """Return the fields as a dict (for logging tables)."""
+        return asdict(self)
+
+
+def scribble2label_loss(
+    logits: torch.Tensor,
+    scribbles: torch.Tensor,
+    ema: torch.Tensor | None = None,
+    *,
+    tau: float = 0.8,
+    lam: float = 0.5,
+    use_pseudo: bool = True,
+    valid: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, LossParts]:
+    """The Scribble2Label training loss ``pCE + lam * CE(pseudo-labels)``.
+
+    Parameters
+    ----------
+    logits : torch.Tensor
+        Shape (N, 2, H, W), any floating dtype.
+    scribbles : torch.Tensor
+        Integer tensor of shape (N, H, W): ``0``, ``1`` scribbled, ``250`` unlabelled.
+    ema : torch.Tensor or None, default None
+        Floating tensor of shape (N, H, W), the EMA foreground probability of the crops
+        (transformed together with the image). ``None`` means warm-up.
+    tau : float, default 0.8
+        Confidence threshold in ``(0.5, 1]``.
+    lam : float, default 0.5
+        Weight of the pseudo-label term, finite and ``>= 0``.
+    use_pseudo : bool, default True
+        ``False`` during warm-up: the loss is then the pCE alone and ``ema`` is ignored.
+    valid : torch.Tensor or None, default None
+        Bool tensor of shape (N, H, W). Pixels where it is ``False`` are ignored by
+        both terms (scribbled or not).
+
+    Returns
+    -------
+    total : torch.Tensor
+        Scalar float32 loss. During warm-up (``use_pseudo=False`` or ``ema=None``) it is
+        the pCE tensor itself.
+    parts : LossParts
+        The two terms and the pixel counts as Python numbers (this synchronises with
+        the device once per call).
+    """
+    if isinstance(lam, bool) or not isinstance(lam, (int, float)):
+        raise TypeError(f"lam must be a real number, got {type(lam).__name__}")
+    if not (math.isfinite(lam) and lam >= 0):
+        raise ValueError(f"lam must be finite and >= 0, got {lam}")
+    tau = check_tau(tau)
+    _check_logits(logits)
+    shape = (logits.shape[0], logits.shape[2], logits.shape[3])
+    _check_label_map(scribbles, "scribbles", shape, logits.device)
+    _check_valid(valid, shape, logits.device)
+
+    if valid is not None:
+        scribbles = torch.where(valid, scribbles.long(), UNLABELLED)
+    pce = _masked_cross_entropy(logits, scribbles)
+    n_scribbled = int((scribbles != UNLABELLED).sum())
+
+    if not use_pseudo or ema is None:
+        parts = LossParts(float(pce.detach()), 0.0, n_scribbled, 0, 0.0)
+        return pce, parts
+
+    targets = pseudo_label_targets(ema, scribbles, tau=tau, valid=valid)
+    pseudo = _masked_cross_entropy(logits, targets)
+    total = pce + lam * pseudo
+    n_pseudo = int((targets != UNLABELLED).sum())
+    unscribbled = scribbles == UNLABELLED
+    if valid is not None:
+        unscribbled = unscribbled & valid
+    n_unscribbled = int(unscribbled.sum())
+    fraction = n_pseudo / n_unscribbled if n_unscribbled else 0.0
+    parts = LossParts(float(pce.detach()), float(pseudo.detach()), n_scribbled, n_pseudo, fraction)
+    return total, parts

@@ -1,0 +1,99 @@
+"""Shared fixtures: the local BBBC038 mirror, a prepared copy of it, tiny archives."""
+
+from __future__ import annotations
+
+import io
+import os
+import zipfile
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+#: The offline mirror of stage1_train.zip, beside the repository (override: S2L_MIRROR).
+MIRROR = Path(
+    os.environ.get("S2L_MIRROR", REPO.parent / "shared" / "data" / "bbbc038" / "stage1_train.zip")
+)
+
+
+@pytest.fixture(scope="session")
+def mirror() -> Path:
+    """The local copy of the official stage1_train.zip."""
+    if not MIRROR.is_file():
+        pytest.fail(
+            f"the BBBC038 mirror is missing at {MIRROR}; the tests need it (set S2L_MIRROR)"
+        )
+    return MIRROR
+
+
+@pytest.fixture(scope="session")
+def prepared(mirror, tmp_path_factory):
+    """The mirror fetched, extracted and prepared once for the whole test session."""
+    from s2l_core.data import MIRROR_SHA256, prepare_dataset
+
+    cache = tmp_path_factory.mktemp("cache")
+    return prepare_dataset(mirror, cache, progress=False, expected_sha256=MIRROR_SHA256)
+
+
+@pytest.fixture(scope="session")
+def scribble_set(prepared):
+    """Scribbles at the four ratios, seed 0, for the prepared mirror."""
+    from s2l_core.scribbles import prepare_scribbles
+
+    return prepare_scribbles(prepared, seed=0, progress=False)
+
+
+def png_bytes(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def disk(shape: tuple[int, int], center: tuple[int, int], radius: float) -> np.ndarray:
+    rr, cc = np.mgrid[: shape[0], : shape[1]]
+    return (rr - center[0]) ** 2 + (cc - center[1]) ** 2 <= radius**2
+
+
+def make_sample(
+    shape: tuple[int, int] = (48, 64), n: int = 3, colour: bool = False, bright: bool = False
+) -> tuple[np.ndarray, list[np.ndarray]]:
+    """An RGBA image with ``n`` disk nuclei and their 0/255 masks."""
+    masks = [
+        disk(shape, (12 + 14 * (k % 2), 12 + 18 * k), 5).astype(np.uint8) * 255 for k in range(n)
+    ]
+    fg = np.any(masks, axis=0)
+    grey = np.where(fg, 40 if bright else 200, 230 if bright else 10).astype(np.uint8)
+    rgba = np.stack([grey, grey, grey, np.full_like(grey, 255)], axis=-1)
+    if colour:
+        rgba[..., 0] = np.clip(rgba[..., 0].astype(int) + 30, 0, 255)
+    return rgba, masks
+
+
+@pytest.fixture
+def make_archive(tmp_path) -> Callable[..., Path]:
+    """Write a small BBBC038-style zip; ``entries`` may add or override raw members."""
+
+    def build(
+        name: str = "tiny.zip",
+        n_images: int = 3,
+        entries: dict[str, bytes] | None = None,
+        skip_masks_of: str | None = None,
+    ) -> Path:
+        path = tmp_path / name
+        with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_STORED) as zf:
+            for k in range(n_images):
+                image_id = f"img{k:02d}"
+                image, masks = make_sample(colour=k == 1, bright=k == 2)
+                zf.writestr(f"{image_id}/images/{image_id}.png", png_bytes(image))
+                if image_id == skip_masks_of:
+                    continue
+                for j, mask in enumerate(masks):
+                    zf.writestr(f"{image_id}/masks/m{j}.png", png_bytes(mask))
+            for member, data in (entries or {}).items():
+                zf.writestr(member, data)
+        return path
+
+    return build
