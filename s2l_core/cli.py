@@ -1,6 +1,9 @@
 """The ``s2l`` command line: batch use without a notebook.
 
-``s2l prepare`` fetches, verifies and prepares BBBC038v1 and synthesizes its scribbles.
+- ``s2l prepare``: fetch, verify and prepare BBBC038v1 and synthesize its scribbles;
+- ``s2l train``: train Scribble2Label (or a baseline) on a BBBC038 modality or on a
+  folder of your own images and scribbles, and write a checkpoint;
+- ``s2l predict``: label a folder of images with a checkpoint.
 """
 
 from __future__ import annotations
@@ -43,6 +46,75 @@ def _prepare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from s2l_core import train
+
+    overrides = {}
+    for name in ("epochs", "batch_size", "samples_per_epoch", "seed", "select"):
+        value = getattr(args, name)
+        if value is not None:
+            overrides[name] = value
+    if args.baseline == "pce":
+        overrides["use_pseudo"] = False
+    config = train.TrainConfig.profile(args.profile, **overrides)
+    if args.images:
+        if not args.scribbles:
+            raise ValueError("--images needs --scribbles (a folder of scribble images)")
+        samples = train.load_folder_samples(
+            args.images, args.scribbles, scribble_format=args.scribble_format
+        )
+        val = []
+    else:
+        dataset = data.prepare_dataset(args.source, args.cache_dir, progress=not args.quiet)
+        scribble_set = scribbles.prepare_scribbles(
+            dataset, [args.ratio], seed=args.scribble_seed, progress=not args.quiet
+        )
+        full = args.baseline == "full"
+        samples = train.load_samples(
+            dataset, dataset.ids(args.modality, "train"), scribble_set, args.ratio,
+            full_masks=full,
+        )  # fmt: skip
+        val = train.load_samples(
+            dataset, dataset.ids(args.modality, "val"), scribble_set, args.ratio
+        )
+    out = Path(args.out)
+    state_path = out.with_name(out.stem + ".state.pt")
+    if args.resume and state_path.is_file():
+        trainer = train.Trainer.resume(state_path, samples, val=val, device=args.device)
+        print(f"resumed from {state_path} at epoch {trainer.epoch}")
+    else:
+        trainer = train.Trainer(samples, config, val=val, device=args.device)
+    history = trainer.fit(args.epochs, checkpoint=state_path, progress=not args.quiet)
+    trainer.export(out, extra={"baseline": args.baseline, "profile": args.profile})
+    history_path = out.with_name(out.stem + ".history.csv")
+    history.to_csv(history_path, index=False)
+    print(f"model: {out}\ntraining state: {state_path}\nhistory: {history_path}")
+    return 0
+
+
+def _predict(args: argparse.Namespace) -> int:
+    from s2l_core.predict import predict_folder
+
+    written = predict_folder(
+        args.checkpoint,
+        args.input_dir,
+        args.output_dir,
+        mode=args.mode,
+        device=args.device,
+        threshold=args.threshold,
+        method=args.method,
+        min_size=args.min_size,
+        suffix=args.format,
+        overwrite=args.overwrite,
+        save_probability=args.probability,
+        progress=not args.quiet,
+    )
+    print(f"wrote {len(written)} label images to {args.output_dir}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``s2l``."""
     parser = argparse.ArgumentParser(
@@ -79,6 +151,66 @@ def build_parser() -> argparse.ArgumentParser:
     prep.add_argument("--force", action="store_true", help="redo every step")
     prep.add_argument("--quiet", action="store_true", help="no progress bars")
     prep.set_defaults(func=_prepare)
+
+    tr = sub.add_parser(
+        "train",
+        help="train Scribble2Label or a baseline and write a checkpoint",
+        description=(
+            "Train on a BBBC038 modality (its training split, with synthesized scribbles) "
+            "or on your own images (--images with --scribbles). Writes OUT (the selected "
+            "weights), OUT.state.pt (the full training state, for --resume) and "
+            "OUT.history.csv."
+        ),
+    )
+    tr.add_argument("--out", required=True, help="checkpoint to write, e.g. runs/s2l.pt")
+    tr.add_argument("--profile", default="cpu", choices=["smoke", "cpu", "full"])
+    tr.add_argument(
+        "--baseline", default="s2l", choices=["s2l", "pce", "full"],
+        help="s2l: Scribble2Label; pce: scribbles only; full: full masks",
+    )  # fmt: skip
+    tr.add_argument("--modality", default="fluorescence", choices=list(data.MODALITIES))
+    tr.add_argument("--ratio", type=float, default=0.3, help="scribble ratio")
+    tr.add_argument("--images", help="folder of your own images")
+    tr.add_argument("--scribbles", help="folder of their scribbles (same file names)")
+    tr.add_argument("--scribble-format", default="s2l", choices=["s2l", "napari"])
+    tr.add_argument("--source", help="stage1_train.zip URL or path (see s2l prepare)")
+    tr.add_argument("--cache-dir", help="cache folder (see s2l prepare)")
+    tr.add_argument("--scribble-seed", type=int, default=0)
+    tr.add_argument("--epochs", type=int)
+    tr.add_argument("--batch-size", type=int)
+    tr.add_argument("--samples-per-epoch", type=int)
+    tr.add_argument("--seed", type=int)
+    tr.add_argument(
+        "--select", choices=["last", "val_scribble", "val_iou_full_masks"],
+        help="which weights to keep (default: last epoch)",
+    )  # fmt: skip
+    tr.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    tr.add_argument("--resume", action="store_true", help="continue from OUT.state.pt")
+    tr.add_argument("--quiet", action="store_true", help="no progress bars")
+    tr.set_defaults(func=_train)
+
+    pr = sub.add_parser(
+        "predict",
+        help="label a folder of images with a checkpoint",
+        description=(
+            "Predict every image (PNG, TIFF, JPEG; grey, RGB, RGBA; 8/16-bit; any size) of "
+            "INPUT_DIR into OUTPUT_DIR with the same file names: instance labels (uint16) "
+            "or a 0/1 mask. OUTPUT_DIR appears only when every image is done."
+        ),
+    )
+    pr.add_argument("checkpoint")
+    pr.add_argument("input_dir")
+    pr.add_argument("output_dir")
+    pr.add_argument("--mode", default="instance", choices=["instance", "semantic"])
+    pr.add_argument("--method", default="watershed", choices=["watershed", "components"])
+    pr.add_argument("--threshold", type=float, default=0.5)
+    pr.add_argument("--min-size", type=int, default=16, help="smallest object kept (pixels)")
+    pr.add_argument("--format", choices=[".tif", ".png"], help="output format")
+    pr.add_argument("--probability", action="store_true", help="also write *_prob.tif")
+    pr.add_argument("--device", default="auto")
+    pr.add_argument("--overwrite", action="store_true")
+    pr.add_argument("--quiet", action="store_true")
+    pr.set_defaults(func=_predict)
     return parser
 
 
@@ -88,7 +220,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.func(args)
-    except (data.DataError, ValueError, FileNotFoundError) as err:
+    except (ValueError, FileNotFoundError, RuntimeError) as err:
         print(f"s2l {args.command}: error: {err}", file=sys.stderr)
         return 2
 

@@ -47,6 +47,7 @@ __all__ = [
 
 _STATE_KIND = "s2l_core.EMAStore"
 _STATE_VERSION = 1
+_STARTS = ("zero", "first")
 
 
 def _check_alpha(alpha: float) -> float:
@@ -148,10 +149,17 @@ class EMAStore:
         Image id -> full-resolution image size ``(H, W)``. Images may differ in size.
     alpha : float, default 0.2
         Weight of the newest prediction, in ``(0, 1]``.
+    start : {"zero", "first"}, default "zero"
+        ``"zero"``: every map starts at 0 and the first update gives ``alpha * p``, as
+        in the original. With ``alpha = 0.2`` a pixel predicted foreground with
+        certainty needs 8 updates to pass ``tau = 0.8``, while background is confident
+        after one: a short warm-up (few EMA updates) then labels every unscribbled pixel
+        background. ``"first"``: the first update stores the prediction itself (the
+        running average without the bias towards 0).
 
     Notes
     -----
-    Every map is float32, of shape (H, W), and starts at 0 (as in the original). The
+    Every map is float32, of shape (H, W), and starts at 0. The
     update is computed in float32 as ``alpha * p + (1 - alpha) * ema`` with
     ``alpha`` and ``1 - alpha`` rounded to float32. Memory is ``4 * H * W`` bytes per
     image (see :attr:`nbytes`).
@@ -164,10 +172,15 @@ class EMAStore:
     0.2
     """
 
-    def __init__(self, shapes: Mapping[str, tuple[int, int]], alpha: float = 0.2) -> None:
+    def __init__(
+        self, shapes: Mapping[str, tuple[int, int]], alpha: float = 0.2, start: str = "zero"
+    ) -> None:
         if not isinstance(shapes, Mapping):
             raise TypeError(f"shapes must be a mapping id -> (H, W), got {type(shapes).__name__}")
+        if start not in _STARTS:
+            raise ValueError(f"start must be one of {_STARTS}, got {start!r}")
         self.alpha = _check_alpha(alpha)
+        self.start = start
         self._maps: dict[str, np.ndarray] = {}
         self._n_updates: dict[str, int] = {}
         for image_id, shape in shapes.items():
@@ -283,8 +296,11 @@ class EMAStore:
                 f"prob_fg for image {image_id!r} must lie in [0, 1]; found {bad.size} "
                 f"value(s) outside, e.g. {bad[:5].tolist()}"
             )
-        np.multiply(m, np.float32(1.0 - self.alpha), out=m)
-        m += np.float32(self.alpha) * p
+        if self.start == "first" and self._n_updates[image_id] == 0:
+            np.copyto(m, p)
+        else:
+            np.multiply(m, np.float32(1.0 - self.alpha), out=m)
+            m += np.float32(self.alpha) * p
         # float32 rounding can overshoot [0, 1] by an ulp; keep the documented range.
         np.clip(m, 0.0, 1.0, out=m)
         self._n_updates[image_id] += 1
@@ -305,6 +321,7 @@ class EMAStore:
             "kind": _STATE_KIND,
             "version": _STATE_VERSION,
             "alpha": self.alpha,
+            "start": self.start,
             "maps": {k: torch.from_numpy(m.copy()) for k, m in self._maps.items()},
             "n_updates": dict(self._n_updates),
         }
@@ -359,17 +376,21 @@ class EMAStore:
                     f"the store expects {self._maps[k].shape}"
                 )
         alpha = _check_alpha(sd["alpha"])
+        start = sd.get("start", "zero")
+        if start not in _STARTS:
+            raise ValueError(f"state dict: unknown start {start!r}")
         for k, t in sd["maps"].items():
             np.copyto(self._maps[k], t.detach().cpu().numpy())
             self._n_updates[k] = int(sd["n_updates"][k])
         self.alpha = alpha
+        self.start = start
 
     @classmethod
     def from_state_dict(cls, sd: Mapping[str, Any]) -> EMAStore:
         """Build a store from a :meth:`state_dict` snapshot without knowing the shapes."""
         cls._check_state(sd)
         shapes = {k: tuple(t.shape) for k, t in sd["maps"].items()}
-        store = cls(shapes, alpha=sd["alpha"])
+        store = cls(shapes, alpha=sd["alpha"], start=sd.get("start", "zero"))
         store.load_state_dict(sd)
         return store
 

@@ -97,3 +97,48 @@ def make_archive(tmp_path) -> Callable[..., Path]:
         return path
 
     return build
+
+
+def synthetic_nuclei(seed: int, shape: tuple[int, int] = (96, 96), n: int = 6):
+    """A dark image with ``n`` bright disk nuclei: ``(rgb uint8, labels uint16)``."""
+    rng = np.random.default_rng(seed)
+    labels = np.zeros(shape, np.uint16)
+    for k in range(1, n + 1):
+        for _ in range(50):
+            centre = (rng.integers(8, shape[0] - 8), rng.integers(8, shape[1] - 8))
+            d = disk(shape, centre, rng.uniform(4, 7))
+            if not labels[d].any():
+                labels[d] = k
+                break
+    grey = np.where(labels > 0, 170, 25) + rng.normal(0, 12, shape)
+    grey = np.clip(grey, 0, 255).astype(np.uint8)
+    return np.stack([grey] * 3, axis=-1), labels
+
+
+@pytest.fixture
+def synthetic_samples():
+    """Factory of training samples from synthetic images with synthesized scribbles."""
+    from s2l_core.scribbles import synthesize_scribbles
+    from s2l_core.train import TrainSample
+
+    def build(n: int = 4, ratio: float = 0.5, shape=(96, 96), offset: int = 0):
+        samples = []
+        for k in range(n):
+            image, labels = synthetic_nuclei(k + offset, shape)
+            scribble = synthesize_scribbles(labels, ratio, seed=k, key=str(k)).scribble
+            sample = TrainSample.from_arrays(f"syn{k + offset}", image, scribble, labels)
+            samples.append(sample)
+        return samples
+
+    return build
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _one_torch_thread():
+    """Tests train tiny networks: one thread is fastest and immune to a loaded machine."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)

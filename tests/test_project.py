@@ -10,8 +10,6 @@ import pytest
 import tomllib
 import yaml
 
-from s2l_core.cli import main
-
 REPO = Path(__file__).resolve().parents[1]
 CHAPTERS = sorted((REPO / "book").glob("*.ipynb"))
 
@@ -54,19 +52,3 @@ def test_committed_notebooks_are_clean(path):
     for heading in ("## What you will learn", "## Setup", "## Summary", "## Exercises"):
         assert heading in text, f"chapter template: missing {heading!r}"
     assert ":class: dropdown" in text, "exercise solutions belong in dropdowns"
-
-
-def test_cli_prepare(make_archive, tmp_path, capsys):
-    archive = make_archive()
-    args = ["prepare", "--source", str(archive), "--cache-dir", str(tmp_path), "--quiet"]
-    status = main([*args, "--ratios", "0.5", "--workers", "1"])
-    out = capsys.readouterr().out
-    assert status == 0
-    assert "prepared 3 images" in out and "scribbles at ratios (0.5,)" in out
-    assert (tmp_path / "bbbc038" / "scribbles" / "seed0" / "r050" / "img00.png").is_file()
-
-
-def test_cli_reports_bad_source(tmp_path, capsys):
-    status = main(["prepare", "--source", str(tmp_path / "nope.zip"), "--cache-dir", str(tmp_path)])
-    assert status == 2
-    assert "neither a URL" in capsys.readouterr().err

@@ -289,3 +289,23 @@ def test_schedule_errors(call, exc, match) -> None:
 
 def test_constants_are_the_scribble_encoding() -> None:
     assert (BACKGROUND, FOREGROUND, UNLABELLED) == (0, 1, 250)
+
+
+def test_first_start_stores_the_first_prediction():
+    import torch
+
+    zero = EMAStore({"a": (2, 2)}, alpha=0.2)
+    first = EMAStore({"a": (2, 2)}, alpha=0.2, start="first")
+    p1 = np.array([[1.0, 0.0], [0.5, 0.9]], np.float32)
+    p2 = np.array([[0.0, 1.0], [0.5, 0.4]], np.float32)
+    for store in (zero, first):
+        store.update("a", p1)
+    assert np.allclose(zero.get("a"), 0.2 * p1)
+    assert np.array_equal(first.get("a"), p1)
+    first.update("a", p2)
+    assert np.allclose(first.get("a"), 0.2 * p2 + 0.8 * p1)
+    restored = EMAStore.from_state_dict(first.state_dict())
+    assert restored.start == "first"
+    with pytest.raises(ValueError, match="start must be one of"):
+        EMAStore({"a": (2, 2)}, start="ones")
+    assert torch.is_tensor(first.state_dict()["maps"]["a"])

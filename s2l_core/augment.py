@@ -1,0 +1,249 @@
+"""Image normalisation and the joint augmentation of image, scribbles and EMA map.
+
+Geometric augmentation moves the image, its scribbles and its EMA map together (one
+sampling grid for all of them), so nothing has to be inverted afterwards. Wherever the
+crop reaches outside the image, the returned ``valid`` mask is ``False`` and the
+scribble is unlabelled (250) — never background.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from s2l_core.scribbles import UNLABELLED
+
+__all__ = ["AugmentConfig", "normalize_image", "random_crops"]
+
+
+def normalize_image(image: np.ndarray, low: float = 1.0, high: float = 99.8) -> np.ndarray:
+    """Turn an image of any supported kind into the network's input.
+
+    Grey images are repeated to three channels and alpha is dropped; intensities are
+    scaled per image so that the ``low`` and ``high`` percentiles map to 0 and 1, which
+    makes 8-bit, 16-bit, dim and bright images alike.
+
+    Parameters
+    ----------
+    image : numpy.ndarray
+        ``(H, W)``, ``(H, W, 1)``, ``(H, W, 3)`` or ``(H, W, 4)``; ``uint8``, ``uint16``
+        or floating point.
+    low, high : float, optional
+        Percentiles mapped to 0 and 1.
+
+    Returns
+    -------
+    numpy.ndarray
+        ``(3, H, W)`` ``float32``, roughly in [0, 1].
+
+    Raises
+    ------
+    ValueError
+        If the shape or dtype is not an image's.
+    """
+    image = np.asarray(image)
+    if image.ndim == 3 and image.shape[2] in (1, 3, 4):
+        image = image[..., :3] if image.shape[2] >= 3 else image[..., 0]
+    if image.ndim == 2:
+        image = np.repeat(image[..., None], 3, axis=2)
+    if image.ndim != 3 or image.shape[2] != 3:
+        raise ValueError(
+            f"expected an image of shape (H, W), (H, W, 1), (H, W, 3) or (H, W, 4), "
+            f"got {image.shape}"
+        )
+    if image.dtype == bool or not (
+        np.issubdtype(image.dtype, np.integer) or np.issubdtype(image.dtype, np.floating)
+    ):
+        raise ValueError(f"unsupported image dtype {image.dtype}")
+    x = image.astype(np.float32)
+    step = max(1, int(math.sqrt(x.shape[0] * x.shape[1] / 65536)))
+    lo, hi = np.percentile(x[::step, ::step], (low, high))
+    if hi - lo < 1e-6:
+        hi = lo + 1.0
+    x = (x - lo) / (hi - lo)
+    return np.ascontiguousarray(np.clip(x, -0.5, 1.5).transpose(2, 0, 1), dtype=np.float32)
+
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    """Random crop, shift-scale-rotate, flips and brightness/contrast.
+
+    Attributes
+    ----------
+    crop_size : int
+        Side of the square crops.
+    zoom : tuple of float
+        Range of the zoom factor, sampled log-uniformly: 2 magnifies (nuclei look twice
+        as large), 0.5 shrinks. Scale augmentation matters because users' nuclei come at
+        other scales than the training data's.
+    p_zoom : float
+        Probability of a zoom other than 1.
+    p_rotate : float
+        Probability of a rotation by a uniform angle (else a multiple of 90°).
+    flips : bool
+        Random horizontal and vertical flips.
+    brightness, contrast : float
+        Half-widths of the uniform brightness shift and contrast factor around 1.
+    p_intensity : float
+        Probability of a brightness/contrast change.
+    """
+
+    crop_size: int = 256
+    zoom: tuple[float, float] = (0.6, 1.6)
+    p_zoom: float = 0.7
+    p_rotate: float = 0.7
+    flips: bool = True
+    brightness: float = 0.1
+    contrast: float = 0.2
+    p_intensity: float = 0.5
+
+    def to_dict(self) -> dict:
+        """Plain-type dict (for checkpoints)."""
+        d = asdict(self)
+        d["zoom"] = list(self.zoom)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> AugmentConfig:
+        """Inverse of :meth:`to_dict`."""
+        return cls(**{**d, "zoom": tuple(d["zoom"])})
+
+
+def _sampling_grid(
+    shape: tuple[int, int], cfg: AugmentConfig, rng: np.random.Generator, augment: bool
+) -> np.ndarray:
+    """Input coordinates ``(S, S, 2)`` (y, x) of every crop pixel."""
+    s = cfg.crop_size
+    h, w = shape
+    zoom, angle, fy, fx = 1.0, 0.0, 1.0, 1.0
+    if augment:
+        if rng.random() < cfg.p_zoom:
+            zoom = float(np.exp(rng.uniform(np.log(cfg.zoom[0]), np.log(cfg.zoom[1]))))
+        if rng.random() < cfg.p_rotate:
+            angle = rng.uniform(0, 2 * np.pi)
+        else:
+            angle = rng.integers(4) * np.pi / 2
+        if cfg.flips:
+            fy, fx = rng.choice([-1.0, 1.0], size=2)
+    footprint = s / zoom * (abs(np.cos(angle)) + abs(np.sin(angle)))
+    centre = []
+    for extent in (h, w):
+        half = footprint / 2
+        lo, hi = half, extent - half
+        centre.append(rng.uniform(lo, hi) if hi > lo else extent / 2)
+    offsets = (np.arange(s, dtype=np.float64) - (s - 1) / 2) / zoom
+    u, v = np.meshgrid(offsets * fy, offsets * fx, indexing="ij")
+    cos, sin = np.cos(angle), np.sin(angle)
+    y = centre[0] - 0.5 + cos * u - sin * v
+    x = centre[1] - 0.5 + sin * u + cos * v
+    coords = np.stack([y, x], axis=-1)
+    if zoom == 1.0 and np.isclose(np.sin(2 * angle), 0, atol=1e-9):
+        coords = np.round(coords)  # a plain crop: take pixels as they are, no interpolation
+    return coords
+
+
+def _gather(image, scribble, ema, coords):
+    """Exact crop for integer coordinates (plain crops, right angles, flips)."""
+    h, w = scribble.shape
+    yi, xi = coords[..., 0].astype(np.int64), coords[..., 1].astype(np.int64)
+    inside = (yi >= 0) & (yi < h) & (xi >= 0) & (xi < w)
+    yc, xc = np.clip(yi, 0, h - 1), np.clip(xi, 0, w - 1)
+    img = torch.from_numpy(np.ascontiguousarray(image[:, yc, xc]))
+    scr = torch.from_numpy(scribble[yc, xc].astype(np.int64))
+    ema_crop = torch.from_numpy(
+        ema[yc, xc].astype(np.float32) if ema is not None else np.zeros(yc.shape, np.float32)
+    )
+    valid = torch.from_numpy(inside)
+    scr[~valid] = UNLABELLED
+    img[:, ~valid] = 0
+    return img, scr, ema_crop, valid
+
+
+def _interpolate(image, scribble, ema, coords):
+    """Crop at fractional coordinates: bilinear for image and EMA, nearest for labels."""
+    h, w = scribble.shape
+    y0 = int(max(np.floor(coords[..., 0].min()) - 1, 0))
+    y1 = int(min(np.ceil(coords[..., 0].max()) + 2, h))
+    x0 = int(max(np.floor(coords[..., 1].min()) - 1, 0))
+    x1 = int(min(np.ceil(coords[..., 1].max()) + 2, w))
+    if y1 <= y0 or x1 <= x0:  # pragma: no cover - the crop always overlaps the image
+        y0, y1, x0, x1 = 0, h, 0, w
+    window_ema = ema[y0:y1, x0:x1] if ema is not None else np.zeros((y1 - y0, x1 - x0))
+    smooth = torch.from_numpy(
+        np.concatenate([image[:, y0:y1, x0:x1], window_ema[None].astype(np.float32)])
+    )
+    hard = torch.from_numpy(
+        np.stack(
+            [scribble[y0:y1, x0:x1].astype(np.float32), np.ones((y1 - y0, x1 - x0), np.float32)]
+        )
+    )
+    gy = 2 * (coords[..., 0] - y0) / max(y1 - y0 - 1, 1) - 1
+    gx = 2 * (coords[..., 1] - x0) / max(x1 - x0 - 1, 1) - 1
+    grid = torch.from_numpy(np.stack([gx, gy], axis=-1).astype(np.float32))[None]
+    a = F.grid_sample(smooth[None], grid, mode="bilinear", align_corners=True)[0]
+    b = F.grid_sample(hard[None], grid, mode="nearest", align_corners=True)[0]
+    valid = b[1] > 0.5
+    scr = b[0].round().to(torch.int64)
+    scr[~valid] = UNLABELLED
+    return a[:3], scr, a[3], valid
+
+
+def random_crops(
+    images: list[np.ndarray],
+    scribbles: list[np.ndarray],
+    emas: list[np.ndarray | None],
+    rng: np.random.Generator,
+    cfg: AugmentConfig,
+    *,
+    augment: bool = True,
+) -> dict[str, torch.Tensor]:
+    """Cut one augmented crop from each image, moving scribbles and EMA map along.
+
+    Parameters
+    ----------
+    images : list of numpy.ndarray
+        ``(3, H, W)`` ``float32`` images from :func:`normalize_image`.
+    scribbles : list of numpy.ndarray
+        ``(H, W)`` ``uint8`` scribbles (0, 1, 250) — or full masks for full supervision.
+    emas : list of numpy.ndarray or None
+        ``(H, W)`` ``float32`` EMA maps, or ``None`` (zeros).
+    rng : numpy.random.Generator
+        All random choices come from it.
+    cfg : AugmentConfig
+        The augmentation.
+    augment : bool, optional
+        ``False``: plain random crops, no transform.
+
+    Returns
+    -------
+    dict of str to torch.Tensor
+        ``image`` ``(N, 3, S, S)`` float32, ``scribble`` ``(N, S, S)`` int64 (250 outside
+        the image), ``ema`` ``(N, S, S)`` float32, ``valid`` ``(N, S, S)`` bool.
+    """
+    out_img, out_scr, out_ema, out_valid = [], [], [], []
+    for image, scribble, ema in zip(images, scribbles, emas, strict=True):
+        h, w = scribble.shape
+        coords = _sampling_grid((h, w), cfg, rng, augment)
+        if np.array_equal(coords, np.round(coords)):
+            img, scr, ema_crop, valid = _gather(image, scribble, ema, coords)
+        else:
+            img, scr, ema_crop, valid = _interpolate(image, scribble, ema, coords)
+        if augment and rng.random() < cfg.p_intensity:
+            c = 1 + rng.uniform(-cfg.contrast, cfg.contrast)
+            shift = rng.uniform(-cfg.brightness, cfg.brightness)
+            mean = img.mean()
+            img = (img - mean) * c + mean + shift
+        out_img.append(img)
+        out_scr.append(scr)
+        out_ema.append(ema_crop * valid)
+        out_valid.append(valid)
+    return {
+        "image": torch.stack(out_img).contiguous(),
+        "scribble": torch.stack(out_scr),
+        "ema": torch.stack(out_ema),
+        "valid": torch.stack(out_valid),
+    }

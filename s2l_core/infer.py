@@ -1,0 +1,98 @@
+"""Whole-image inference: any size, padded (never cropped), tiled when large.
+
+Used by the training loop (EMA pass, validation) and by :mod:`s2l_core.predict`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+__all__ = ["autocast_context", "predict_foreground"]
+
+
+def autocast_context(device: torch.device, enabled: bool = True):
+    """Mixed precision on CUDA (bfloat16 where supported, else float16); nothing on CPU."""
+    if device.type != "cuda" or not enabled:
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.autocast(device_type="cuda", dtype=dtype)
+
+
+def _forward_padded(model: torch.nn.Module, x: torch.Tensor, multiple: int) -> torch.Tensor:
+    """Foreground probability of ``x`` ``(1, C, H, W)``; pads by reflection to ``multiple``."""
+    h, w = x.shape[-2:]
+    ph, pw = (-h) % multiple, (-w) % multiple
+    if ph or pw:
+        mode = "reflect" if ph < h and pw < w else "replicate"
+        x = F.pad(x, (0, pw, 0, ph), mode=mode)
+    logits = model(x)
+    return torch.softmax(logits.float(), dim=1)[:, 1, :h, :w]
+
+
+@torch.no_grad()
+def predict_foreground(
+    model: torch.nn.Module,
+    image: np.ndarray,
+    *,
+    device: torch.device | str = "cpu",
+    tile: int = 1024,
+    overlap: int = 64,
+    amp: bool = True,
+    channels_last: bool = True,
+) -> np.ndarray:
+    """Foreground probability of a whole normalised image.
+
+    The image is padded by reflection to the network's size multiple and the padding is
+    cut off again, so border pixels are predicted like any other. Images larger than
+    ``tile`` on a side are cut into overlapping tiles whose centres are kept.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        A segmentation network with two output classes and ``size_multiple``; put into
+        eval mode here (and restored afterwards).
+    image : numpy.ndarray
+        ``(3, H, W)`` ``float32`` from :func:`s2l_core.augment.normalize_image`.
+    device : torch.device or str, optional
+        Where to compute.
+    tile, overlap : int, optional
+        Tile side and overlap for large images.
+    amp : bool, optional
+        Mixed precision on CUDA.
+    channels_last : bool, optional
+        Channels-last memory format.
+
+    Returns
+    -------
+    numpy.ndarray
+        ``(H, W)`` ``float32`` foreground probability.
+    """
+    device = torch.device(device)
+    multiple = int(getattr(model, "size_multiple", 32))
+    was_training = model.training
+    model.eval()
+    try:
+        x = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))[None]
+        x = x.to(device, non_blocking=True)
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        h, w = x.shape[-2:]
+        with autocast_context(device, amp):
+            if h <= tile and w <= tile:
+                return _forward_padded(model, x, multiple)[0].cpu().numpy()
+            out = torch.zeros((h, w), dtype=torch.float32)
+            step = tile - 2 * overlap
+            for y in range(0, h, step):
+                for x0 in range(0, w, step):
+                    ya, xa = max(y - overlap, 0), max(x0 - overlap, 0)
+                    yb, xb = min(y + step + overlap, h), min(x0 + step + overlap, w)
+                    prob = _forward_padded(model, x[..., ya:yb, xa:xb], multiple)[0].cpu()
+                    ye, xe = min(y + step, h), min(x0 + step, w)
+                    out[y:ye, x0:xe] = prob[y - ya : ye - ya, x0 - xa : xe - xa]
+            return out.numpy()
+    finally:
+        model.train(was_training)

@@ -1,0 +1,319 @@
+"""Prediction: checkpoints to label images, one image or a whole folder.
+
+- :func:`load_model` rebuilds a network from a checkpoint (``weights_only`` loading);
+- :func:`foreground_to_instances` turns a foreground probability into instance labels:
+  connected components, or a distance-transform watershed that splits touching nuclei;
+- :func:`predict_folder` predicts every image of a folder (grey, RGB, RGBA, 8- or 16-bit,
+  any size) into label images with the same file names, which napari and Fiji open as
+  labels. The output folder appears only once every image is written, so a partial
+  output is never mistaken for a finished one.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from scipy import ndimage as ndi
+from skimage.morphology import h_maxima
+from skimage.segmentation import relabel_sequential, watershed
+from tqdm.auto import tqdm
+
+from s2l_core.augment import normalize_image
+from s2l_core.files import atomic_dir, read_image, write_image, write_json
+from s2l_core.infer import predict_foreground
+from s2l_core.model import from_config
+from s2l_core.runtime import pick_device
+from s2l_core.train import load_checkpoint
+
+__all__ = [
+    "IMAGE_SUFFIXES",
+    "foreground_to_instances",
+    "list_images",
+    "load_model",
+    "predict_folder",
+    "predict_image",
+    "save_labels",
+]
+
+IMAGE_SUFFIXES = (".png", ".tif", ".tiff", ".jpg", ".jpeg", ".bmp")
+
+
+def load_model(
+    checkpoint: str | os.PathLike, device: str | torch.device = "auto", *, verbose: bool = False
+) -> tuple[torch.nn.Module, dict]:
+    """Rebuild the network stored in a checkpoint.
+
+    Parameters
+    ----------
+    checkpoint : str or os.PathLike
+        A training or inference checkpoint of this package.
+    device : str or torch.device, optional
+        Where to put the model.
+    verbose : bool, optional
+        Say which device was chosen.
+
+    Returns
+    -------
+    model : torch.nn.Module
+        In eval mode, on ``device``.
+    state : dict
+        The checkpoint (for its configuration and metadata).
+
+    Raises
+    ------
+    FileNotFoundError, ValueError
+        Missing file, not a checkpoint, or weights that do not fit the stored architecture.
+    """
+    state = load_checkpoint(checkpoint)
+    if not isinstance(device, torch.device):
+        device = pick_device(device, verbose=verbose)
+    model = from_config(state["model_config"])
+    try:
+        model.load_state_dict(state["model"])
+    except RuntimeError as err:
+        raise ValueError(f"{checkpoint}: weights do not fit its architecture: {err}") from err
+    model.to(device).eval()
+    return model, state
+
+
+def _drop_small(labels: np.ndarray, min_size: int) -> np.ndarray:
+    """Set labels with fewer than ``min_size`` pixels to 0."""
+    sizes = np.bincount(labels.ravel())
+    small = sizes < min_size
+    small[0] = False
+    return np.where(small[labels], 0, labels)
+
+
+def foreground_to_instances(
+    prob: np.ndarray,
+    *,
+    threshold: float = 0.5,
+    method: str = "watershed",
+    min_size: int = 16,
+    split_depth: float = 2.0,
+) -> np.ndarray:
+    """Instance labels from a foreground probability map.
+
+    Parameters
+    ----------
+    prob : numpy.ndarray
+        ``(H, W)`` foreground probability (or a binary mask).
+    threshold : float, optional
+        Foreground where ``prob > threshold``.
+    method : {"watershed", "components"}, optional
+        ``"components"``: 8-connected components. ``"watershed"``: a watershed on the
+        distance transform of the foreground, seeded at its maxima that stand at least
+        ``split_depth`` pixels above their surroundings, which splits touching nuclei.
+    min_size : int, optional
+        Objects smaller than this many pixels are removed.
+    split_depth : float, optional
+        Depth (pixels of distance) of the valley needed between two nuclei to split them.
+
+    Returns
+    -------
+    numpy.ndarray
+        ``(H, W)`` ``uint16`` labels (``uint32`` beyond 65,535 objects), 0 background.
+    """
+    prob = np.asarray(prob)
+    if prob.ndim != 2:
+        raise ValueError(f"prob must be a 2-D (H, W) map, got shape {prob.shape}")
+    if method not in ("watershed", "components"):
+        raise ValueError(f"method must be 'watershed' or 'components', got {method!r}")
+    fg = ndi.binary_fill_holes(prob > threshold)
+    if min_size > 1:
+        fg = _drop_small(ndi.label(fg, structure=np.ones((3, 3), bool))[0], min_size) > 0
+    if method == "components":
+        labels, _ = ndi.label(fg, structure=np.ones((3, 3), bool))
+    else:
+        distance = ndi.distance_transform_edt(fg)
+        peaks = h_maxima(ndi.gaussian_filter(distance, 1.0), split_depth)
+        markers, _ = ndi.label(peaks & fg, structure=np.ones((3, 3), bool))
+        labels = watershed(-distance, markers, mask=fg)
+        # A component without a marker (too flat) keeps its own label.
+        missing = fg & (labels == 0)
+        if missing.any():
+            extra, _ = ndi.label(missing, structure=np.ones((3, 3), bool))
+            labels[missing] = extra[missing] + labels.max()
+        if min_size > 1:
+            labels = _drop_small(labels, min_size)
+    labels = relabel_sequential(labels)[0]
+    dtype = np.uint16 if labels.max() <= np.iinfo(np.uint16).max else np.uint32
+    return labels.astype(dtype)
+
+
+def predict_image(
+    model: torch.nn.Module,
+    image: np.ndarray,
+    *,
+    device: torch.device | str = "cpu",
+    threshold: float = 0.5,
+    instances: str | None = "watershed",
+    min_size: int = 16,
+    tile: int = 1024,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Predict one raw image: foreground probability and labels.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        From :func:`load_model`.
+    image : numpy.ndarray
+        ``(H, W)``, ``(H, W, 1|3|4)``; 8-bit, 16-bit or float.
+    device : torch.device or str, optional
+        The model's device.
+    threshold : float, optional
+        Foreground threshold.
+    instances : {"watershed", "components", None}, optional
+        How to split the foreground into nuclei; ``None`` returns the semantic mask
+        (0/1).
+    min_size : int, optional
+        Smallest object kept (pixels).
+    tile : int, optional
+        Tile side for large images.
+
+    Returns
+    -------
+    prob : numpy.ndarray
+        ``(H, W)`` ``float32``.
+    labels : numpy.ndarray
+        ``(H, W)`` ``uint16`` instance labels, or ``uint8`` 0/1 when ``instances=None``.
+    """
+    prob = predict_foreground(model, normalize_image(image), device=device, tile=tile)
+    if instances is None:
+        return prob, (prob > threshold).astype(np.uint8)
+    labels = foreground_to_instances(prob, threshold=threshold, method=instances, min_size=min_size)
+    return prob, labels
+
+
+def save_labels(path: str | os.PathLike, labels: np.ndarray) -> None:
+    """Write a label image that napari and Fiji open as labels (TIFF or PNG), atomically.
+
+    TIFF keeps ``uint16``/``uint32``; PNG holds up to 65,535 labels as 16-bit.
+    """
+    labels = np.asarray(labels)
+    if labels.ndim != 2 or not np.issubdtype(labels.dtype, np.integer):
+        raise ValueError(f"labels must be a 2-D integer image, got {labels.dtype} {labels.shape}")
+    suffix = Path(path).suffix.lower()
+    if suffix == ".png":
+        if labels.max(initial=0) > np.iinfo(np.uint16).max:
+            raise ValueError(f"{path}: more than 65,535 labels do not fit a PNG; use .tif")
+        labels = labels.astype(np.uint16 if labels.max(initial=0) > 255 else np.uint8)
+    write_image(path, labels)
+
+
+def list_images(folder: str | os.PathLike) -> list[Path]:
+    """The image files of a folder (sorted), by suffix; hidden files are skipped.
+
+    Raises
+    ------
+    FileNotFoundError
+        If the folder does not exist.
+    ValueError
+        If it holds no image file.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"input folder not found: {folder}")
+    files = sorted(
+        p for p in folder.iterdir()
+        if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".")
+    )  # fmt: skip
+    if not files:
+        raise ValueError(f"{folder} holds no image files ({', '.join(IMAGE_SUFFIXES)})")
+    return files
+
+
+def predict_folder(
+    checkpoint: str | os.PathLike,
+    input_dir: str | os.PathLike,
+    output_dir: str | os.PathLike,
+    *,
+    mode: str = "instance",
+    device: str | torch.device = "auto",
+    threshold: float = 0.5,
+    method: str = "watershed",
+    min_size: int = 16,
+    suffix: str | None = None,
+    overwrite: bool = False,
+    save_probability: bool = False,
+    progress: bool = True,
+) -> list[Path]:
+    """Predict every image of a folder into label images with the same names.
+
+    Parameters
+    ----------
+    checkpoint : str or os.PathLike
+        A checkpoint of this package.
+    input_dir, output_dir : str or os.PathLike
+        Folders. ``output_dir`` must not exist (or be empty) unless ``overwrite``.
+    mode : {"instance", "semantic"}, optional
+        Instance labels (``uint16``) or a 0/1 foreground mask.
+    device : str or torch.device, optional
+        ``"auto"``, ``"cpu"`` or ``"cuda"``.
+    threshold, method, min_size : optional
+        See :func:`foreground_to_instances`.
+    suffix : str, optional
+        Output format, ``".tif"`` or ``".png"``; default: the input file's own suffix
+        for PNG and TIFF inputs, ``".tif"`` otherwise.
+    overwrite : bool, optional
+        Replace an existing output folder.
+    save_probability : bool, optional
+        Also write ``<name>_prob.tif`` (``float32``).
+    progress : bool, optional
+        Show a progress bar.
+
+    Returns
+    -------
+    list of pathlib.Path
+        The written label images.
+
+    Raises
+    ------
+    FileNotFoundError, ValueError
+        Missing or incompatible checkpoint, missing or empty input folder, unreadable
+        image (named), or an output folder that is not empty.
+    """
+    if mode not in ("instance", "semantic"):
+        raise ValueError(f"mode must be 'instance' or 'semantic', got {mode!r}")
+    files = list_images(input_dir)
+    output_dir = Path(output_dir)
+    if output_dir.exists() and any(output_dir.iterdir()) and not overwrite:
+        raise ValueError(f"output folder {output_dir} is not empty (pass overwrite=True)")
+    model, _ = load_model(checkpoint, device)
+    device = next(model.parameters()).device
+    written = []
+    with atomic_dir(output_dir) as tmp:
+        for path in tqdm(files, desc="predict", disable=not progress):
+            image = read_image(path)
+            prob, labels = predict_image(
+                model,
+                image,
+                device=device,
+                threshold=threshold,
+                instances=method if mode == "instance" else None,
+                min_size=min_size,
+            )
+            out_suffix = suffix or (
+                path.suffix.lower() if path.suffix.lower() in (".png", ".tif", ".tiff") else ".tif"
+            )
+            name = path.stem + out_suffix
+            save_labels(tmp / name, labels)
+            if save_probability:
+                write_image(tmp / f"{path.stem}_prob.tif", prob.astype(np.float32))
+            written.append(output_dir / name)
+        write_json(
+            tmp / "s2l_predict.json",
+            {
+                "checkpoint": str(checkpoint),
+                "mode": mode,
+                "method": method if mode == "instance" else None,
+                "threshold": threshold,
+                "min_size": min_size,
+                "images": [p.name for p in files],
+                "outputs": [p.name for p in written],
+            },
+        )
+    return written

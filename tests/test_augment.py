@@ -1,0 +1,112 @@
+"""Normalisation, joint augmentation and whole-image inference."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from s2l_core.augment import AugmentConfig, normalize_image, random_crops
+from s2l_core.infer import predict_foreground
+from s2l_core.model import UNet
+from s2l_core.scribbles import UNLABELLED
+
+
+def test_normalize_kinds_of_image():
+    grey16 = np.linspace(0, 60000, 64 * 48).reshape(64, 48).astype(np.uint16)
+    out = normalize_image(grey16)
+    assert out.shape == (3, 64, 48) and out.dtype == np.float32
+    assert np.allclose(out[0], out[2])
+    assert out.min() >= -0.5 and out.max() <= 1.5
+    assert np.isclose(np.percentile(out[0], 50), 0.5, atol=0.02)
+    rgba = np.zeros((10, 12, 4), np.uint8)
+    rgba[..., 0] = np.arange(12)
+    rgba[..., 3] = 255
+    assert normalize_image(rgba).shape == (3, 10, 12)
+    assert np.all(np.isfinite(normalize_image(np.zeros((5, 5), np.uint8))))  # flat image
+    with pytest.raises(ValueError, match="expected an image of shape"):
+        normalize_image(np.zeros((4, 4, 2)))
+
+
+def _position_image(h, w):
+    image = np.zeros((3, h, w), np.float32)
+    image[0] = np.arange(h)[:, None]
+    image[1] = np.arange(w)[None, :]
+    return image
+
+
+def test_plain_crop_takes_pixels_as_they_are():
+    h, w = 80, 90
+    image = _position_image(h, w)
+    scribble = np.full((h, w), UNLABELLED, np.uint8)
+    scribble[10:70:7, 5:80:3] = 1
+    ema = np.random.default_rng(0).random((h, w)).astype(np.float32)
+    cfg = AugmentConfig(crop_size=32)
+    crops = random_crops([image], [scribble], [ema], np.random.default_rng(1), cfg, augment=False)
+    y0, x0 = int(crops["image"][0, 0, 0, 0]), int(crops["image"][0, 1, 0, 0])
+    assert np.array_equal(crops["image"][0, 0].numpy(), image[0, y0 : y0 + 32, x0 : x0 + 32])
+    assert np.array_equal(crops["scribble"][0].numpy(), scribble[y0 : y0 + 32, x0 : x0 + 32])
+    assert np.array_equal(crops["ema"][0].numpy(), ema[y0 : y0 + 32, x0 : x0 + 32])
+    assert crops["valid"].all()
+
+
+def test_augmentation_moves_image_scribble_and_ema_together():
+    h, w = 120, 140
+    pattern = np.zeros((h, w), bool)
+    pattern[20:60, 30:100] = True
+    pattern[80:110, 10:50] = True
+    image = np.repeat(pattern[None].astype(np.float32), 3, axis=0)
+    scribble = pattern.astype(np.uint8)  # 1 inside the blocks, 0 outside
+    ema = pattern.astype(np.float32)
+    cfg = AugmentConfig(crop_size=64, p_zoom=1.0, p_rotate=1.0, p_intensity=0.0)
+    rng = np.random.default_rng(3)
+    for _ in range(10):
+        c = random_crops([image], [scribble], [ema], rng, cfg)
+        valid = c["valid"][0]
+        fg = (c["scribble"][0] == 1) & valid
+        bg = (c["scribble"][0] == 0) & valid
+        assert (c["image"][0, 0][fg] > 0.5).float().mean() > 0.97
+        assert (c["image"][0, 0][bg] < 0.5).float().mean() > 0.97
+        assert (c["ema"][0][fg] > 0.5).float().mean() > 0.97
+        assert torch.all(c["scribble"][0][~valid] == UNLABELLED)
+        assert torch.all(c["ema"][0][~valid] == 0)
+
+
+def test_padding_is_unlabelled_never_background():
+    image = np.ones((3, 40, 30), np.float32)
+    scribble = np.zeros((40, 30), np.uint8)  # all background
+    cfg = AugmentConfig(crop_size=64)
+    c = random_crops([image], [scribble], [None], np.random.default_rng(0), cfg, augment=False)
+    valid = c["valid"][0]
+    assert valid.sum() == 40 * 30
+    assert torch.all(c["scribble"][0][valid] == 0)
+    assert torch.all(c["scribble"][0][~valid] == UNLABELLED)
+
+
+def test_crops_are_seeded():
+    image = _position_image(100, 100)
+    scribble = np.full((100, 100), UNLABELLED, np.uint8)
+    cfg = AugmentConfig(crop_size=48)
+    a = random_crops([image] * 3, [scribble] * 3, [None] * 3, np.random.default_rng(7), cfg)
+    b = random_crops([image] * 3, [scribble] * 3, [None] * 3, np.random.default_rng(7), cfg)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("shape", [(70, 45), (32, 32), (130, 97)])
+def test_whole_image_prediction_keeps_the_size(shape):
+    torch.manual_seed(0)
+    model = UNet(base_channels=8, depth=2)
+    image = np.random.default_rng(0).random((3, *shape)).astype(np.float32)
+    prob = predict_foreground(model, image)
+    assert prob.shape == shape and prob.dtype == np.float32
+    assert np.all((prob >= 0) & (prob <= 1))
+    assert model.training  # the mode is restored
+
+
+def test_tiled_prediction_matches_whole():
+    torch.manual_seed(0)
+    model = UNet(base_channels=8, depth=2).eval()
+    image = np.random.default_rng(1).random((3, 150, 200)).astype(np.float32)
+    whole = predict_foreground(model, image, tile=4096)
+    tiled = predict_foreground(model, image, tile=96, overlap=32)
+    assert np.abs(whole - tiled).max() < 1e-3

@@ -1,0 +1,72 @@
+"""The ``s2l`` command line."""
+
+from __future__ import annotations
+
+import numpy as np
+from conftest import synthetic_nuclei
+
+from s2l_core.cli import main
+from s2l_core.files import read_image, write_image
+from s2l_core.scribbles import synthesize_scribbles, to_napari
+
+
+def test_cli_prepare(make_archive, tmp_path, capsys):
+    archive = make_archive()
+    args = ["prepare", "--source", str(archive), "--cache-dir", str(tmp_path), "--quiet"]
+    status = main([*args, "--ratios", "0.5", "--workers", "1"])
+    out = capsys.readouterr().out
+    assert status == 0
+    assert "prepared 3 images" in out and "scribbles at ratios (0.5,)" in out
+    assert (tmp_path / "bbbc038" / "scribbles" / "seed0" / "r050" / "img00.png").is_file()
+
+
+def test_cli_reports_bad_source(tmp_path, capsys):
+    status = main(["prepare", "--source", str(tmp_path / "nope.zip"), "--cache-dir", str(tmp_path)])
+    assert status == 2
+    assert "neither a URL" in capsys.readouterr().err
+
+
+def _own_images(folder, n=3):
+    images, scribbles = folder / "images", folder / "scribbles"
+    for k in range(n):
+        rgb, labels = synthetic_nuclei(k, (80, 100))
+        write_image(images / f"cells_{k}.tif", rgb[..., 0].astype(np.uint16) * 200)  # 16-bit
+        layer = to_napari(synthesize_scribbles(labels, 0.5, seed=k).scribble)
+        if k < n - 1:  # the last image stays unannotated
+            write_image(scribbles / f"cells_{k}.png", layer)
+    return images, scribbles
+
+
+def test_cli_train_and_predict_own_images(tmp_path, capsys):
+    images, scribbles = _own_images(tmp_path)
+    out = tmp_path / "runs" / "mine.pt"
+    args = ["train", "--images", str(images), "--scribbles", str(scribbles)]
+    args += ["--scribble-format", "napari", "--profile", "smoke", "--out", str(out), "--quiet"]
+    assert main([*args, "--epochs", "2", "--device", "cpu"]) == 0
+    assert out.is_file() and out.with_name("mine.state.pt").is_file()
+    assert main([*args, "--epochs", "3", "--device", "cpu", "--resume"]) == 0
+    assert "resumed from" in capsys.readouterr().out
+    history = (tmp_path / "runs" / "mine.history.csv").read_text().splitlines()
+    assert len(history) == 1 + 3  # header and three epochs
+
+    labels_dir = tmp_path / "labels"
+    assert (
+        main(["predict", str(out), str(images), str(labels_dir), "--quiet", "--device", "cpu"]) == 0
+    )
+    names = sorted(p.name for p in labels_dir.glob("cells_*"))
+    assert names == ["cells_0.tif", "cells_1.tif", "cells_2.tif"]
+    assert read_image(labels_dir / "cells_2.tif").shape == (80, 100)
+
+
+def test_cli_errors_are_reported(tmp_path, capsys):
+    images, scribbles = _own_images(tmp_path)
+    status = main(["predict", str(tmp_path / "none.pt"), str(images), str(tmp_path / "o")])
+    assert status == 2 and "checkpoint not found" in capsys.readouterr().err
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    status = main(["train", "--images", str(images), "--scribbles", str(empty), "--out", "x.pt"])
+    assert status == 2 and "has a scribble file" in capsys.readouterr().err
+    status = main(
+        ["train", "--images", str(images), "--scribbles", str(scribbles), "--out", "x.pt"]
+    )
+    assert status == 2 and "values" in capsys.readouterr().err  # napari layers read as s2l

@@ -1,0 +1,274 @@
+"""The training loop, checkpoints, baselines and prediction."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from s2l_core.augment import AugmentConfig
+from s2l_core.baselines import RandomForestSegmenter
+from s2l_core.metrics import foreground_iou
+from s2l_core.predict import foreground_to_instances, load_model, predict_folder
+from s2l_core.train import TrainConfig, Trainer, load_checkpoint
+
+TINY = dict(
+    epochs=4, batch_size=2, samples_per_epoch=4, warmup_epochs=1, ema_every=1, ema_start=0,
+    val_every=2, model={"base_channels": 8, "depth": 2}, augment=AugmentConfig(crop_size=64),
+)  # fmt: skip
+
+
+def _comparable(trainer):
+    timing = [c for c in trainer.history_frame().columns if "seconds" in c or c == "crops_per_s"]
+    return trainer.history_frame().drop(columns=timing)
+
+
+def _trainer(samples, val=None, **overrides):
+    config = TrainConfig(**{**TINY, **overrides})
+    return Trainer(samples, config, val=val, device="cpu", verbose=False)
+
+
+def test_resumed_run_equals_straight_run(synthetic_samples, tmp_path):
+    train, val = synthetic_samples(3), synthetic_samples(1, offset=10)
+    config = TrainConfig(**TINY)
+    straight = Trainer(train, config, val=val, device="cpu", verbose=False)
+    straight.fit(progress=False)
+
+    first = Trainer(train, config, val=val, device="cpu", verbose=False)
+    first.fit(2, checkpoint=tmp_path / "state.pt", progress=False)
+    assert first.epoch == 2
+    resumed = Trainer.resume(tmp_path / "state.pt", train, val=val, device="cpu", verbose=False)
+    assert resumed.epoch == 2 and resumed.ema_updates == 2
+    resumed.fit(progress=False)
+
+    a, b = straight.model.state_dict(), resumed.model.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    for image_id in straight.ema.ids:
+        assert np.array_equal(straight.ema.get(image_id), resumed.ema.get(image_id))
+    pd.testing.assert_frame_equal(_comparable(straight), _comparable(resumed))
+    assert straight.history[-1]["pseudo_active"]  # the pseudo-label phase was reached
+
+
+def test_scribble2label_learns_a_simple_problem(synthetic_samples):
+    """From skeleton scribbles alone, pseudo-labels spread correctly over the images."""
+    train = synthetic_samples(4, ratio=1.0)
+    test = synthetic_samples(1, offset=20)[0]
+    fast = dict(optimizer="adamw", lr_encoder=3e-3, lr_decoder=1e-2, batch_size=4)
+    trainer = _trainer(train, epochs=50, samples_per_epoch=8, warmup_epochs=15, **fast)
+    history = trainer.fit(progress=False)
+    assert history["pce"].iloc[-3:].mean() < history["pce"].iloc[:3].mean() / 10
+    last = history.dropna(subset=["pseudo_accuracy"]).iloc[-1]
+    assert last["pseudo_coverage"] > 0.9 and last["pseudo_accuracy"] > 0.98
+    assert history["pseudo_active"].iloc[-1] and history["pseudo_fraction"].iloc[-1] > 0.5
+    prob = trainer.predict(test.image)
+    assert foreground_iou(prob > 0.5, test.labels > 0) > 0.7
+
+
+def test_pce_baseline_never_uses_pseudo_labels(synthetic_samples):
+    config = TrainConfig(**{**TINY, "use_pseudo": False, "epochs": 3})
+    trainer = Trainer(synthetic_samples(2), config, device="cpu", verbose=False)
+    history = trainer.fit(progress=False)
+    assert not history["pseudo_active"].any()
+    assert (history["pseudo"] == 0).all()
+
+
+def test_frozen_head_reproduces_the_original_defect(synthetic_samples):
+    frozen = _trainer(synthetic_samples(2), epochs=1, freeze_head=True)
+    before = [p.clone() for p in frozen.model.head_parameters()]
+    frozen.fit(progress=False)
+    assert all(
+        torch.equal(a, b) for a, b in zip(before, frozen.model.head_parameters(), strict=True)
+    )
+    trained = Trainer(
+        synthetic_samples(2), TrainConfig(**{**TINY, "epochs": 1}), device="cpu", verbose=False
+    )
+    before = [p.clone() for p in trained.model.head_parameters()]
+    trained.fit(progress=False)
+    assert not all(
+        torch.equal(a, b) for a, b in zip(before, trained.model.head_parameters(), strict=True)
+    )
+
+
+def test_model_selection_modes(synthetic_samples, tmp_path):
+    train, val = synthetic_samples(2), synthetic_samples(1, offset=5)
+    for select, how in [("last", "last epoch"), ("val_scribble", "val_scribble_loss"),
+                        ("val_iou_full_masks", "val_iou_full_masks")]:  # fmt: skip
+        trainer = Trainer(
+            train, TrainConfig(**{**TINY, "select": select}), val=val, device="cpu", verbose=False
+        )
+        trainer.fit(progress=False)
+        path = trainer.export(tmp_path / f"{select}.pt")
+        state = load_checkpoint(path)
+        assert state["selected"]["how"] == how
+        assert state["kind"] == "model"
+    with pytest.raises(ValueError, match="select must be one of"):
+        TrainConfig(select="best")
+
+
+def test_checkpoint_errors(synthetic_samples, tmp_path):
+    with pytest.raises(FileNotFoundError, match="checkpoint not found"):
+        load_checkpoint(tmp_path / "none.pt")
+    junk = tmp_path / "junk.pt"
+    junk.write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="not a readable checkpoint"):
+        load_checkpoint(junk)
+    other = tmp_path / "other.pt"
+    torch.save({"weights": torch.zeros(2)}, other)
+    with pytest.raises(ValueError, match="not a Scribble2Label checkpoint"):
+        load_checkpoint(other)
+    trainer = Trainer(
+        synthetic_samples(2), TrainConfig(**{**TINY, "epochs": 1}), device="cpu", verbose=False
+    )
+    trainer.fit(checkpoint=tmp_path / "s.pt", progress=False)
+    with pytest.raises(ValueError, match="trained on other images"):
+        Trainer.resume(
+            tmp_path / "s.pt", synthetic_samples(2, offset=3), device="cpu", verbose=False
+        )
+    trainer.export(tmp_path / "model.pt")
+    with pytest.raises(ValueError, match="not a training checkpoint"):
+        Trainer.resume(tmp_path / "model.pt", synthetic_samples(2), device="cpu", verbose=False)
+
+
+def test_profiles():
+    assert TrainConfig.profile("full").batch_size == 30
+    assert TrainConfig.profile("cpu", epochs=3).epochs == 3
+    with pytest.raises(ValueError, match="unknown profile"):
+        TrainConfig.profile("fast")
+    cfg = TrainConfig.profile("smoke")
+    assert TrainConfig.from_dict(cfg.to_dict()) == cfg
+
+
+# ----------------------------------------------------------------------------- instances
+
+
+def _touching_disks():
+    yy, xx = np.mgrid[:60, :80]
+    a = (yy - 30) ** 2 + (xx - 28) ** 2 <= 12**2
+    b = (yy - 30) ** 2 + (xx - 50) ** 2 <= 12**2
+    return (a | b).astype(np.float32), a, b
+
+
+def test_watershed_splits_touching_nuclei():
+    prob, a, b = _touching_disks()
+    assert foreground_to_instances(prob, method="components").max() == 1
+    labels = foreground_to_instances(prob, method="watershed")
+    assert labels.dtype == np.uint16 and labels.max() == 2
+    for disk_mask in (a, b):
+        _, counts = np.unique(labels[disk_mask], return_counts=True)
+        assert counts.max() / disk_mask.sum() > 0.9  # each disk is mostly one label
+
+
+def test_small_objects_are_removed():
+    prob = np.zeros((30, 30), np.float32)
+    prob[2:4, 2:4] = 1  # 4 px
+    prob[10:20, 10:20] = 1  # 100 px
+    labels = foreground_to_instances(prob, min_size=16, method="components")
+    assert labels.max() == 1 and (labels > 0).sum() == 100
+    with pytest.raises(ValueError, match="method must be"):
+        foreground_to_instances(prob, method="magic")
+
+
+# ----------------------------------------------------------------------------- baselines
+
+
+def test_random_forest_baseline(synthetic_samples):
+    train, test = synthetic_samples(3), synthetic_samples(1, offset=30)[0]
+    rf = RandomForestSegmenter(n_estimators=20, seed=0).fit(
+        [s.image for s in train], [s.scribble for s in train]
+    )
+    prob = rf.predict_proba(test.image)
+    assert prob.shape == test.labels.shape
+    assert foreground_iou(prob > 0.5, test.labels > 0) > 0.8
+    with pytest.raises(ValueError, match="both foreground and background"):
+        RandomForestSegmenter().fit(
+            [train[0].image], [np.full(train[0].scribble.shape, 250, np.uint8)]
+        )
+
+
+# ----------------------------------------------------------------------------- folders
+
+
+@pytest.fixture
+def tiny_checkpoint(synthetic_samples, tmp_path):
+    trainer = Trainer(
+        synthetic_samples(2), TrainConfig(**{**TINY, "epochs": 1}), device="cpu", verbose=False
+    )
+    trainer.fit(progress=False)
+    return trainer.export(tmp_path / "model.pt")
+
+
+def test_predict_folder_of_mixed_images(tiny_checkpoint, tmp_path):
+    from conftest import synthetic_nuclei
+
+    from s2l_core.files import read_image, read_json, write_image
+
+    src = tmp_path / "in"
+    rgb, _ = synthetic_nuclei(1, (70, 90))
+    write_image(src / "grey8.png", rgb[..., 0])
+    write_image(src / "rgb.png", rgb)
+    write_image(src / "rgba.png", np.dstack([rgb, np.full(rgb.shape[:2], 255, np.uint8)]))
+    write_image(src / "grey16.tif", rgb[..., 0].astype(np.uint16) * 250)
+    (src / "notes.txt").write_text("not an image")
+    out = tmp_path / "out"
+    written = predict_folder(tiny_checkpoint, src, out, progress=False, device="cpu")
+    assert sorted(p.name for p in written) == ["grey16.tif", "grey8.png", "rgb.png", "rgba.png"]
+    for path in written:
+        labels = read_image(path)
+        assert labels.shape == (70, 90) and np.issubdtype(labels.dtype, np.integer)
+    assert read_json(out / "s2l_predict.json")["mode"] == "instance"
+    with pytest.raises(ValueError, match="not empty"):
+        predict_folder(tiny_checkpoint, src, out, progress=False, device="cpu")
+    semantic = predict_folder(
+        tiny_checkpoint, src, tmp_path / "sem", mode="semantic", progress=False, device="cpu"
+    )
+    assert set(np.unique(read_image(semantic[0]))) <= {0, 1}
+
+
+def test_predict_folder_errors_leave_no_partial_output(tiny_checkpoint, tmp_path):
+    src = tmp_path / "in"
+    src.mkdir()
+    with pytest.raises(ValueError, match="holds no image files"):
+        predict_folder(tiny_checkpoint, src, tmp_path / "out", progress=False)
+    from s2l_core.files import write_image
+
+    write_image(src / "a.png", np.zeros((40, 40), np.uint8))
+    (src / "b.png").write_bytes(b"broken")
+    with pytest.raises(ValueError, match=r"b\.png"):
+        predict_folder(tiny_checkpoint, src, tmp_path / "out", progress=False, device="cpu")
+    assert not (tmp_path / "out").exists()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".out")] == []
+    with pytest.raises(FileNotFoundError, match="checkpoint not found"):
+        predict_folder(tmp_path / "missing.pt", src, tmp_path / "out2", progress=False)
+
+
+def test_loaded_model_predicts_like_the_trainer(synthetic_samples, tmp_path):
+    samples = synthetic_samples(2)
+    trainer = _trainer(samples, epochs=1)
+    trainer.fit(progress=False)
+    model, state = load_model(trainer.export(tmp_path / "m.pt"), "cpu")
+    from s2l_core.infer import predict_foreground
+
+    assert np.allclose(
+        predict_foreground(model, samples[0].image), trainer.predict(samples[0].image), atol=1e-5
+    )
+    assert state["config"]["model"] == TINY["model"]
+
+
+@pytest.mark.slow
+def test_smoke_training_on_real_images(prepared, scribble_set, tmp_path):
+    from s2l_core.train import load_samples
+
+    train_ids = prepared.ids("fluorescence", "train")[:4]
+    train = load_samples(prepared, train_ids, scribble_set, 0.3)
+    val = load_samples(prepared, prepared.ids("fluorescence", "val")[:2], scribble_set, 0.3)
+    assert train[0].image.dtype == np.float32 and train[0].image.shape[0] == 3
+    trainer = Trainer(train, TrainConfig.profile("smoke"), val=val, device="cpu", verbose=False)
+    history = trainer.fit(checkpoint=tmp_path / "state.pt", progress=False)
+    assert len(history) == 3 and np.isfinite(history["loss"]).all()
+    assert "val_iou_full_masks" in history and "val_scribble_loss" in history
+    state = torch.load(tmp_path / "state.pt", weights_only=True)
+    assert state["train_ids"] == train_ids and state["epoch"] == 3
+    full = load_samples(prepared, train_ids[:1], full_masks=True)
+    assert np.isin(full[0].scribble, [0, 1]).all()
+    assert np.array_equal(full[0].scribble == 1, prepared.labels(train_ids[0]) > 0)
