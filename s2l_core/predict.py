@@ -36,6 +36,7 @@ __all__ = [
     "predict_folder",
     "predict_image",
     "save_labels",
+    "uncertainty",
 ]
 
 IMAGE_SUFFIXES = (".png", ".tif", ".tiff", ".jpg", ".jpeg", ".bmp")
@@ -186,6 +187,24 @@ def predict_image(
         return prob, (prob > threshold).astype(np.uint8)
     labels = foreground_to_instances(prob, threshold=threshold, method=instances, min_size=min_size)
     return prob, labels
+
+
+def uncertainty(prob: np.ndarray) -> np.ndarray:
+    """How unsure a foreground probability is: ``1 - |2 p - 1|``.
+
+    Parameters
+    ----------
+    prob : numpy.ndarray
+        Foreground probability in [0, 1], any shape.
+
+    Returns
+    -------
+    numpy.ndarray
+        ``float32``, same shape, in [0, 1]: 1 where ``p = 0.5`` (least certain), 0 where
+        ``p`` is 0 or 1.
+    """
+    p = np.asarray(prob, dtype=np.float32)
+    return np.clip(1 - np.abs(2 * p - 1), 0, 1).astype(np.float32)
 
 
 def save_labels(path: str | os.PathLike, labels: np.ndarray) -> None:

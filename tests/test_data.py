@@ -372,3 +372,14 @@ def test_prepare_reuses_and_resplits(prepared):
     assert other.ids("fluorescence", "test") != prepared.ids("fluorescence", "test")
     back = prepare_dataset(None, cache, progress=False, split_seed=0)
     assert back.ids("fluorescence", "test") == prepared.ids("fluorescence", "test")
+
+
+def test_written_files_get_the_usual_mode(tmp_path):
+    import os
+
+    from s2l_core.files import write_json
+
+    write_json(tmp_path / "a.json", {"x": 1})
+    mask = os.umask(0)
+    os.umask(mask)
+    assert (tmp_path / "a.json").stat().st_mode & 0o777 == 0o666 & ~mask

@@ -47,7 +47,7 @@ def test_default_configuration() -> None:
     [
         (SMALL, 8),
         ({**SMALL, "stem_factor": 1}, 4),
-        ({**SMALL, "head_upsample": "bilinear"}, 8),
+        ({**SMALL, "head_upsample": "shuffle"}, 8),
         ({**SMALL, "norm": "group"}, 8),
         ({**SMALL, "norm": "none"}, 8),
         ({**SMALL, "depth": 0}, 2),
@@ -127,7 +127,7 @@ def test_parameter_groups_helper() -> None:
 
 
 def test_config_round_trip_gives_identical_outputs() -> None:
-    model = UNet(**SMALL, in_channels=1, head_upsample="bilinear", norm="group")
+    model = UNet(**SMALL, in_channels=1, head_upsample="shuffle", norm="group")
     config = json.loads(json.dumps(model.to_config()))  # survives a JSON checkpoint
     assert config == model.config
     assert config["arch"] == "unet"

@@ -52,3 +52,40 @@ def test_committed_notebooks_are_clean(path):
     for heading in ("## What you will learn", "## Setup", "## Summary", "## Exercises"):
         assert heading in text, f"chapter template: missing {heading!r}"
     assert ":class: dropdown" in text, "exercise solutions belong in dropdowns"
+
+
+def _drift_module():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("check_drift", REPO / "tools" / "check_drift.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _executed(value: str, extra_html: bool = True) -> nbformat.NotebookNode:
+    nb = nbformat.v4.new_notebook()
+    tagged = nbformat.v4.new_code_cell("print(counts)", metadata={"tags": ["regression"]})
+    data = {"text/plain": value} | ({"text/html": f"<b>{value}</b>"} if extra_html else {})
+    tagged.outputs = [nbformat.v4.new_output("execute_result", data=data, execution_count=3)]
+    other = nbformat.v4.new_code_cell("plot()")
+    other.outputs = [nbformat.v4.new_output("stream", name="stdout", text="anything\n")]
+    nb.cells = [other, tagged]
+    return nb
+
+
+def test_drift_check_sees_changed_outputs_only():
+    drift = _drift_module()
+    expected = _executed("fluorescence 546")
+    assert drift.compare(expected, _executed("fluorescence 546", extra_html=False)) == ""
+    report = drift.compare(expected, _executed("fluorescence 545"))
+    assert "546" in report and "545" in report
+
+
+def test_expected_outputs_belong_to_tagged_cells():
+    drift = _drift_module()
+    for path in sorted((REPO / "book" / "expected").glob("*.ipynb")):
+        chapter = nbformat.read(REPO / "book" / path.name, as_version=4)
+        expected = nbformat.read(path, as_version=4)
+        sources = [c.source for c in drift.regression_cells(chapter).cells]
+        assert [c.source for c in expected.cells] == sources, f"{path.name}: update expected"

@@ -130,6 +130,19 @@ def test_checkpoint_errors(synthetic_samples, tmp_path):
         Trainer.resume(tmp_path / "model.pt", synthetic_samples(2), device="cpu", verbose=False)
 
 
+def test_fine_tuning_starts_from_a_checkpoint(synthetic_samples, tmp_path):
+    first = _trainer(synthetic_samples(2), epochs=2)
+    first.fit(progress=False)
+    path = first.export(tmp_path / "round1.pt")
+    second = _trainer(synthetic_samples(2, offset=4), epochs=1)
+    second.load_weights(path)
+    a, b = first.model.state_dict(), second.model.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    wider = _trainer(synthetic_samples(2), model={"base_channels": 12, "depth": 2})
+    with pytest.raises(ValueError, match="holds a network"):
+        wider.load_weights(path)
+
+
 def test_profiles():
     assert TrainConfig.profile("full").batch_size == 30
     assert TrainConfig.profile("cpu", epochs=3).epochs == 3

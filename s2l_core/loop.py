@@ -1,0 +1,179 @@
+"""Human in the loop: scribble, train a little, look, correct, continue.
+
+Each round takes the current scribbles of a set of images, trains a few epochs starting
+from the previous round's weights (or a given checkpoint), and predicts every image with
+its foreground probability and uncertainty, so the annotator can add scribbles where the
+model is wrong or unsure. Every round keeps its own scribbles and checkpoint::
+
+    work_dir/round_01/scribbles/<image>.png   the scribbles this round trained on
+    work_dir/round_01/model.pt                the weights after the round
+    work_dir/round_01/state.pt                the full training state
+    work_dir/round_01/history.csv             the round's training history
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+
+from s2l_core.augment import normalize_image
+from s2l_core.files import read_image
+from s2l_core.infer import predict_foreground
+from s2l_core.predict import IMAGE_SUFFIXES, foreground_to_instances, save_labels, uncertainty
+from s2l_core.scribbles import UNLABELLED, save_scribble, validate_scribble
+from s2l_core.train import TrainConfig, Trainer, TrainSample
+
+__all__ = ["AnnotationLoop", "Round", "uncertainty"]
+
+
+@dataclass
+class Round:
+    """One annotation round.
+
+    Attributes
+    ----------
+    number : int
+        1 for the first round.
+    folder : pathlib.Path
+        Where its scribbles, checkpoint and history are kept.
+    checkpoint : pathlib.Path
+        The weights after the round.
+    probabilities : dict of str to numpy.ndarray
+        ``(H, W)`` ``float32`` foreground probability of every image.
+    """
+
+    number: int
+    folder: Path
+    checkpoint: Path
+    probabilities: dict[str, np.ndarray] = field(repr=False)
+
+    def uncertainty(self, image_id: str) -> np.ndarray:
+        """``(H, W)`` uncertainty of one image (see :func:`uncertainty`)."""
+        return uncertainty(self.probabilities[image_id])
+
+
+class AnnotationLoop:
+    """Rounds of scribbling and training on a user's own images.
+
+    Parameters
+    ----------
+    images : mapping of str to numpy.ndarray, or str or os.PathLike
+        The images by name, or a folder of image files (PNG, TIFF, JPEG; any bit depth).
+    work_dir : str or os.PathLike
+        Where the rounds are kept.
+    config : TrainConfig, optional
+        Training settings of every round; default the ``cpu`` profile with 128 crops per
+        epoch (a few images make short epochs), 4 warm-up epochs and an EMA update after
+        every epoch, so that pseudo-labels take part within a short round.
+    start_from : str or os.PathLike, optional
+        A checkpoint to start the first round from (e.g. the book's reference model).
+    device : str, optional
+        ``"auto"``, ``"cpu"`` or ``"cuda"``.
+    """
+
+    def __init__(
+        self,
+        images: Mapping[str, np.ndarray] | str | os.PathLike,
+        work_dir: str | os.PathLike,
+        *,
+        config: TrainConfig | None = None,
+        start_from: str | os.PathLike | None = None,
+        device: str = "auto",
+    ) -> None:
+        if isinstance(images, Mapping):
+            self.images = {str(k): np.asarray(v) for k, v in images.items()}
+        else:
+            folder = Path(images)
+            if not folder.is_dir():
+                raise FileNotFoundError(f"image folder not found: {folder}")
+            files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+            self.images = {p.stem: read_image(p) for p in files}
+        if not self.images:
+            raise ValueError("no images to annotate")
+        self.normalized = {k: normalize_image(v) for k, v in self.images.items()}
+        self.work_dir = Path(work_dir)
+        base = config or TrainConfig.profile(
+            "cpu", samples_per_epoch=128, warmup_epochs=4, ema_every=1, ema_start=1
+        )
+        self.config = replace(base, val_every=0)
+        self.device = device
+        self.rounds: list[Round] = []
+        self.start_from = Path(start_from) if start_from is not None else None
+
+    def blank_scribbles(self) -> dict[str, np.ndarray]:
+        """An all-unlabelled scribble image for every image."""
+        return {k: np.full(v.shape[1:], UNLABELLED, np.uint8) for k, v in self.normalized.items()}
+
+    def run_round(self, scribbles: Mapping[str, np.ndarray], epochs: int = 10) -> Round:
+        """Train one round on the given scribbles and predict every image.
+
+        Parameters
+        ----------
+        scribbles : mapping of str to numpy.ndarray
+            ``(H, W)`` scribble image per image name (0 background, 1 foreground, 250
+            unlabelled); images without any scribbled pixel are not trained on.
+        epochs : int, optional
+            Epochs of this round.
+
+        Returns
+        -------
+        Round
+
+        Raises
+        ------
+        ValueError
+            Unknown image names, scribbles that do not fit their image, or no scribbled
+            pixel of both classes anywhere.
+        """
+        unknown = sorted(set(scribbles) - set(self.images))
+        if unknown:
+            raise ValueError(f"scribbles for unknown images: {unknown[:5]}")
+        number = len(self.rounds) + 1
+        folder = self.work_dir / f"round_{number:02d}"
+        samples = []
+        for name, scribble in scribbles.items():
+            scribble = validate_scribble(scribble, self.normalized[name].shape[1:])
+            save_scribble(folder / "scribbles" / f"{name}.png", scribble)
+            if np.any(scribble != UNLABELLED):
+                samples.append(TrainSample(name, self.normalized[name], scribble))
+        labelled = np.concatenate([s.scribble[s.scribble != UNLABELLED] for s in samples] or [[]])
+        if not (np.any(labelled == 0) and np.any(labelled == 1)):
+            raise ValueError("scribble some foreground and some background before training")
+        trainer = Trainer(samples, self.config, device=self.device, verbose=number == 1)
+        previous = self.rounds[-1].checkpoint if self.rounds else self.start_from
+        if previous is not None:
+            trainer.load_weights(previous)
+        history = trainer.fit(epochs, checkpoint=folder / "state.pt", progress=False)
+        history.to_csv(folder / "history.csv", index=False)
+        checkpoint = trainer.export(folder / "model.pt", extra={"round": number})
+        probabilities = {
+            k: predict_foreground(trainer.model, v, device=trainer.device)
+            for k, v in self.normalized.items()
+        }
+        result = Round(number, folder, checkpoint, probabilities)
+        self.rounds.append(result)
+        return result
+
+    def export_labels(
+        self, out_dir: str | os.PathLike, *, method: str = "watershed", suffix: str = ".tif"
+    ) -> list[Path]:
+        """Write instance label images of the last round (napari / Fiji open them).
+
+        Returns
+        -------
+        list of pathlib.Path
+            One ``<name><suffix>`` per image.
+        """
+        if not self.rounds:
+            raise RuntimeError("run a round before exporting labels")
+        out_dir = Path(out_dir)
+        written = []
+        for name, prob in self.rounds[-1].probabilities.items():
+            path = out_dir / f"{name}{suffix}"
+            save_labels(path, foreground_to_instances(prob, method=method))
+            written.append(path)
+        return written

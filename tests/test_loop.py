@@ -1,0 +1,64 @@
+"""The human-in-the-loop rounds."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from conftest import synthetic_nuclei
+
+from s2l_core.augment import AugmentConfig
+from s2l_core.files import read_image
+from s2l_core.loop import AnnotationLoop, uncertainty
+from s2l_core.scribbles import UNLABELLED, read_scribble, synthesize_scribbles
+from s2l_core.train import TrainConfig, load_checkpoint
+
+SMALL = TrainConfig(
+    epochs=2, batch_size=2, samples_per_epoch=4, warmup_epochs=1, ema_every=1, ema_start=0,
+    model={"base_channels": 8, "depth": 2}, augment=AugmentConfig(crop_size=64),
+)  # fmt: skip
+
+
+def test_uncertainty_by_hand():
+    assert np.allclose(uncertainty(np.array([0.0, 0.25, 0.5, 1.0])), [0, 0.5, 1, 0])
+
+
+def test_two_rounds_keep_their_scribbles_and_continue(tmp_path):
+    images, labels = {}, {}
+    for k in range(3):
+        images[f"img{k}"], labels[f"img{k}"] = synthetic_nuclei(k, (80, 96))
+    loop = AnnotationLoop(images, tmp_path / "work", config=SMALL, device="cpu")
+    scribbles = loop.blank_scribbles()
+    scribbles["img0"] = synthesize_scribbles(labels["img0"], 0.3, seed=0).scribble
+    first = loop.run_round(scribbles, epochs=2)
+    assert first.number == 1 and set(first.probabilities) == {"img0", "img1", "img2"}
+    assert first.uncertainty("img1").shape == (80, 96)
+    scribbles["img1"] = synthesize_scribbles(labels["img1"], 0.5, seed=1).scribble
+    second = loop.run_round(scribbles, epochs=2)
+    assert second.folder.name == "round_02"
+    # Round 1 kept what it trained on: img1 was still blank then.
+    assert np.all(read_scribble(first.folder / "scribbles" / "img1.png") == UNLABELLED)
+    assert np.array_equal(
+        read_scribble(second.folder / "scribbles" / "img1.png"), scribbles["img1"]
+    )
+    w1 = load_checkpoint(first.checkpoint)["model"]
+    w2 = load_checkpoint(second.checkpoint)["model"]
+    assert not all(torch.equal(w1[k], w2[k]) for k in w1)
+    written = loop.export_labels(tmp_path / "labels")
+    assert sorted(p.name for p in written) == ["img0.tif", "img1.tif", "img2.tif"]
+    assert read_image(written[0]).shape == (80, 96)
+
+
+def test_loop_errors(tmp_path):
+    image, _ = synthetic_nuclei(0, (64, 64))
+    loop = AnnotationLoop({"a": image}, tmp_path, config=SMALL, device="cpu")
+    with pytest.raises(ValueError, match="some foreground and some background"):
+        loop.run_round(loop.blank_scribbles())
+    with pytest.raises(ValueError, match="unknown images"):
+        loop.run_round({"b": np.zeros((64, 64), np.uint8)})
+    with pytest.raises(ValueError, match="shape"):
+        loop.run_round({"a": np.zeros((10, 10), np.uint8)})
+    with pytest.raises(RuntimeError, match="run a round"):
+        loop.export_labels(tmp_path / "out")
+    with pytest.raises(FileNotFoundError, match="image folder not found"):
+        AnnotationLoop(tmp_path / "nope", tmp_path)
