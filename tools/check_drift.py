@@ -32,8 +32,7 @@ def regression_cells(nb: nbformat.NotebookNode) -> nbformat.NotebookNode:
     for cell in nb.cells:
         if cell.cell_type != "code" or TAG not in cell.metadata.get("tags", []):
             continue
-        new = nbformat.v4.new_code_cell(cell.source)
-        new.pop("id", None)
+        new = nbformat.v4.new_code_cell(cell.source, metadata={"tags": [TAG]})
         for output in cell.get("outputs", []):
             kind = output["output_type"]
             if kind == "stream":
