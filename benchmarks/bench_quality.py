@@ -86,6 +86,9 @@ def main() -> None:
     parser.add_argument("--max-test", type=int, help="score only the first N test images")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
+        "--merge", action="store_true", help="keep the other methods' rows of earlier results"
+    )
+    parser.add_argument(
         "--s2l-checkpoint",
         help="evaluate this Scribble2Label checkpoint (e.g. the book's reference, trained "
         "with the same profile and split) instead of training s2l again",
@@ -138,15 +141,26 @@ def main() -> None:
         trainer, minutes[method] = train_deep(method, samples, val, cfg, runs, args.seed)
         tables.append(evaluate(lambda s, t=trainer: t.predict(s.image), test, method))
 
+    name = f"quality_{args.modality}_r{round(args.ratio * 100):03d}"
+    out = HERE / "results"
+    command = "python " + " ".join(shlex.quote(a) for a in sys.argv)
+    commands = {m: command for m in args.methods}
+    if args.merge and (out / f"{name}.csv").is_file():
+        earlier = pd.read_csv(out / f"{name}.csv", dtype={"image_id": str})
+        kept = earlier[~earlier["method"].isin(args.methods)]
+        tables.insert(0, kept)
+        previous = json.loads((out / f"{name}.json").read_text())
+        for method in set(kept["method"]):
+            minutes[method] = previous["overall"][method]["train_minutes"]
+            commands[method] = previous.get("commands", {}).get(method, previous["command"])
     per_image = pd.concat(tables, ignore_index=True)
     overall = per_image.groupby("method")[METRICS].mean()
     by_size = per_image.groupby(["size", "method"])[METRICS].mean()
     counts = per_image[per_image["method"] == args.methods[0]].groupby("size").size()
     overall["train_minutes"] = pd.Series(minutes)
-    name = f"quality_{args.modality}_r{round(args.ratio * 100):03d}"
-    out = HERE / "results"
     result = {
-        "command": "python " + " ".join(shlex.quote(a) for a in sys.argv),
+        "command": command,
+        "commands": commands,
         "modality": args.modality,
         "ratio": args.ratio,
         "profile": args.profile,
@@ -168,7 +182,9 @@ def main() -> None:
     lines = [
         f"# {args.modality}, {args.ratio:.0%} scribbles, profile {args.profile}",
         "",
-        f"Command: `{result['command']}`",
+        "Commands:",
+        "",
+        *[f"- {m}: `{c}`" for m, c in sorted(commands.items())],
         "",
         f"Test images: {len(test)}; training images: {len(train)}.",
         "",

@@ -9,7 +9,7 @@ import torch
 
 from s2l_core.augment import AugmentConfig
 from s2l_core.baselines import RandomForestSegmenter
-from s2l_core.metrics import foreground_iou
+from s2l_core.metrics import f1_at, foreground_iou
 from s2l_core.predict import foreground_to_instances, load_model, predict_folder
 from s2l_core.train import TrainConfig, Trainer, load_checkpoint
 
@@ -62,7 +62,10 @@ def test_scribble2label_learns_a_simple_problem(synthetic_samples):
     assert last["pseudo_coverage"] > 0.9 and last["pseudo_accuracy"] > 0.98
     assert history["pseudo_active"].iloc[-1] and history["pseudo_fraction"].iloc[-1] > 0.5
     prob = trainer.predict(test.image)
-    assert foreground_iou(prob > 0.5, test.labels > 0) > 0.7
+    # Small disks (radius 4-7 px): a one-pixel border error costs a third of the IoU.
+    assert foreground_iou(prob > 0.5, test.labels > 0) > 0.6
+    nuclei = foreground_to_instances(prob, method="components", min_size=4)
+    assert f1_at(nuclei, test.labels) > 0.8  # nuclei found, one to one
 
 
 def test_pce_baseline_never_uses_pseudo_labels(synthetic_samples):
