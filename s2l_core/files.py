@@ -21,6 +21,7 @@ import numpy as np
 from PIL import Image
 
 __all__ = [
+    "IMAGE_SUFFIXES",
     "atomic_dir",
     "atomic_path",
     "read_image",
@@ -30,6 +31,8 @@ __all__ = [
 ]
 
 PathLike = str | os.PathLike
+#: File suffixes read as images (by :func:`read_image`).
+IMAGE_SUFFIXES = (".png", ".tif", ".tiff", ".jpg", ".jpeg", ".bmp")
 
 
 def _umask() -> int:

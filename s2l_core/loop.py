@@ -21,9 +21,9 @@ from pathlib import Path
 import numpy as np
 
 from s2l_core.augment import normalize_image
-from s2l_core.files import read_image
+from s2l_core.files import IMAGE_SUFFIXES, read_image
 from s2l_core.infer import predict_foreground
-from s2l_core.predict import IMAGE_SUFFIXES, foreground_to_instances, save_labels, uncertainty
+from s2l_core.predict import foreground_to_instances, save_labels, uncertainty
 from s2l_core.scribbles import UNLABELLED, save_scribble, validate_scribble
 from s2l_core.train import TrainConfig, Trainer, TrainSample
 

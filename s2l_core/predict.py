@@ -22,14 +22,13 @@ from skimage.segmentation import relabel_sequential, watershed
 from tqdm.auto import tqdm
 
 from s2l_core.augment import normalize_image
-from s2l_core.files import atomic_dir, read_image, write_image, write_json
+from s2l_core.files import IMAGE_SUFFIXES, atomic_dir, read_image, write_image, write_json
 from s2l_core.infer import predict_foreground
 from s2l_core.model import from_config
 from s2l_core.runtime import pick_device
 from s2l_core.train import load_checkpoint
 
 __all__ = [
-    "IMAGE_SUFFIXES",
     "foreground_to_instances",
     "list_images",
     "load_model",
@@ -38,8 +37,6 @@ __all__ = [
     "save_labels",
     "uncertainty",
 ]
-
-IMAGE_SUFFIXES = (".png", ".tif", ".tiff", ".jpg", ".jpeg", ".bmp")
 
 
 def load_model(

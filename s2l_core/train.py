@@ -175,7 +175,7 @@ def load_folder_samples(
         Missing folders, no annotated image, unreadable files or scribbles that do not
         fit their image (the message names the file).
     """
-    from s2l_core.files import read_image
+    from s2l_core.files import IMAGE_SUFFIXES, read_image
     from s2l_core.scribbles import from_napari
 
     if scribble_format not in ("s2l", "napari"):
@@ -184,10 +184,9 @@ def load_folder_samples(
     for folder in (images_dir, scribbles_dir):
         if not folder.is_dir():
             raise FileNotFoundError(f"folder not found: {folder}")
-    suffixes = (".png", ".tif", ".tiff", ".jpg", ".jpeg", ".bmp")
     samples = []
     for path in sorted(images_dir.iterdir()):
-        if path.suffix.lower() not in suffixes or path.name.startswith("."):
+        if path.suffix.lower() not in IMAGE_SUFFIXES or path.name.startswith("."):
             continue
         candidates = [scribbles_dir / f"{path.stem}{s}" for s in (".png", ".tif", ".tiff")]
         found = [c for c in candidates if c.is_file()]

@@ -38,7 +38,7 @@ import traitlets
 from matplotlib.colors import to_rgb
 from PIL import Image
 
-from s2l_core.files import read_image, write_image
+from s2l_core.files import IMAGE_SUFFIXES, read_image, write_image
 from s2l_core.plots import BG_COLOUR, FG_COLOUR
 from s2l_core.predict import uncertainty as uncertainty_map
 from s2l_core.scribbles import (
@@ -81,8 +81,6 @@ PREDICTION_COLOUR = "#2ca02c"
 UNCERTAINTY_COLOUR = "#e040fb"
 #: Opacity of the scribble layer over the image, in the browser and in snapshots.
 SCRIBBLE_OPACITY = 0.85
-#: Image files a :class:`ScribbleSession` picks up from a folder.
-IMAGE_SUFFIXES = (".png", ".tif", ".tiff", ".jpg", ".jpeg", ".bmp")
 #: Suffixes of napari / ilastik label files :meth:`ScribbleSession.import_labels` reads.
 LABEL_SUFFIXES = (".png", ".tif", ".tiff")
 #: Largest brush size (diameter in image pixels).
