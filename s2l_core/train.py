@@ -595,7 +595,9 @@ class Trainer:
             if c.val_every and ((self.epoch + 1) % c.val_every == 0 or last):
                 row.update(self.validate())
                 self._consider_best(row)
-            row["ema_updated"] = bool(ema_due(self.epoch, c.ema_every, c.ema_start))
+            # The baselines without pseudo-labels have no use for the EMA store.
+            due = ema_due(self.epoch, c.ema_every, c.ema_start)
+            row["ema_updated"] = bool(c.use_pseudo and due)
             if row["ema_updated"]:
                 row.update(self.update_ema())
             self.history.append(row)

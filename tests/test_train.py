@@ -74,6 +74,7 @@ def test_pce_baseline_never_uses_pseudo_labels(synthetic_samples):
     history = trainer.fit(progress=False)
     assert not history["pseudo_active"].any()
     assert (history["pseudo"] == 0).all()
+    assert not history["ema_updated"].any() and trainer.ema_updates == 0
 
 
 def test_frozen_head_reproduces_the_original_defect(synthetic_samples):
