@@ -20,11 +20,10 @@ from __future__ import annotations
 import hashlib
 import http.client
 import os
-import shutil
 import urllib.error
 import urllib.request
 import zipfile
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
@@ -763,22 +762,3 @@ def _resplit(dataset: PreparedDataset, split_seed: int) -> None:
     _write_manifest(dataset.root, table)
     info = dict(dataset.info, split_seed=split_seed)
     write_json(dataset.root / "dataset.json", info)
-
-
-def remove_dataset(
-    cache_dir: str | os.PathLike | None = None, *, keep_archive: bool = True
-) -> None:
-    """Delete the prepared and extracted dataset from the cache (and the archive too
-    unless ``keep_archive``)."""
-    cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    for name in ("bbbc038", "stage1_train"):
-        shutil.rmtree(cache / name, ignore_errors=True)
-    if not keep_archive:
-        for name in (ARCHIVE_NAME, f"{ARCHIVE_NAME}.json"):
-            (cache / name).unlink(missing_ok=True)
-
-
-def iter_images(dataset: PreparedDataset, ids: Iterable[str]):
-    """Yield ``(image_id, image, labels)`` for each id."""
-    for image_id in ids:
-        yield image_id, dataset.image(image_id), dataset.labels(image_id)
