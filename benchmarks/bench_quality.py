@@ -36,31 +36,19 @@ import torch
 
 from s2l_core import data, scribbles
 from s2l_core.baselines import RandomForestSegmenter
+from s2l_core.evaluate import SCORES, score_images
 from s2l_core.files import atomic_path, write_json
-from s2l_core.metrics import evaluate_image
-from s2l_core.predict import foreground_to_instances
 from s2l_core.train import TrainConfig, Trainer, load_samples
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_MIRROR = HERE.parent.parent / "shared" / "data" / "bbbc038" / "stage1_train.zip"
-METRICS = ["iou", "dice", "ap", "f1", "aji", "original_mdice", "object_dice"]
+METRICS = list(SCORES)
 
 
 def evaluate(predict, test, method: str) -> pd.DataFrame:
-    """Score ``predict(sample) -> prob`` on every test sample; one row per image."""
-    rows = []
-    for s in test:
-        start = time.perf_counter()
-        prob = predict(s)
-        seconds = time.perf_counter() - start
-        labels = foreground_to_instances(prob, method="watershed")
-        scores = evaluate_image(labels, s.labels)
-        h, w = s.labels.shape
-        rows.append(
-            {"method": method, "image_id": s.image_id, "size": f"{h}x{w}", "predict_s": seconds}
-            | {k: scores[k] for k in METRICS}
-        )
-    return pd.DataFrame(rows)
+    """Score ``predict(image) -> prob`` on every test sample; one row per image."""
+    triples = ((s.image_id, s.image, s.labels) for s in test)
+    return score_images(predict, triples).drop(columns="instances").assign(method=method)
 
 
 def train_deep(name, train, val, config, runs: Path, seed: int) -> tuple[Trainer, float]:
@@ -79,6 +67,9 @@ def main() -> None:
     parser.add_argument("--ratio", type=float, default=0.3)
     parser.add_argument("--profile", default="cpu", choices=["smoke", "cpu", "full"])
     parser.add_argument("--epochs", type=int, help="override the profile's epochs")
+    parser.add_argument(
+        "--samples-per-epoch", type=int, help="crops per epoch (default: one per training image)"
+    )
     parser.add_argument("--methods", nargs="+", default=["s2l", "pce", "full", "rf"])
     parser.add_argument("--source", default=str(DEFAULT_MIRROR))
     parser.add_argument("--cache-dir")
@@ -104,6 +95,8 @@ def main() -> None:
     val = load_samples(dataset, ids["val"], scribble_set, args.ratio)
     test = load_samples(dataset, ids["test"], scribble_set, args.ratio)
     overrides = {"seed": args.seed} | ({"epochs": args.epochs} if args.epochs else {})
+    if args.samples_per_epoch:
+        overrides["samples_per_epoch"] = args.samples_per_epoch
     config = TrainConfig.profile(args.profile, **overrides)
     runs = args.runs / f"{args.modality}_r{round(args.ratio * 100):03d}"
     runs.mkdir(parents=True, exist_ok=True)
@@ -117,7 +110,7 @@ def main() -> None:
                 [s.image for s in train], [s.scribble for s in train]
             )
             minutes[method] = (time.perf_counter() - start) / 60
-            tables.append(evaluate(lambda s, rf=rf: rf.predict_proba(s.image), test, method))
+            tables.append(evaluate(lambda x, rf=rf: rf.predict_proba(x), test, method))
             continue
         if method == "full":
             samples = load_samples(dataset, ids["train"], full_masks=True)
@@ -131,7 +124,7 @@ def main() -> None:
             model, state = load_model(args.s2l_checkpoint)
             minutes[method] = state["extra"].get("train_minutes", float("nan"))
             device = next(model.parameters()).device
-            predict = lambda s, m=model, d=device: predict_foreground(m, s.image, device=d)  # noqa: E731
+            predict = lambda x, m=model, d=device: predict_foreground(m, x, device=d)  # noqa: E731
             tables.append(evaluate(predict, test, method))
             continue
         elif method == "s2l":
@@ -139,7 +132,7 @@ def main() -> None:
         else:
             parser.error(f"unknown method {method!r}")
         trainer, minutes[method] = train_deep(method, samples, val, cfg, runs, args.seed)
-        tables.append(evaluate(lambda s, t=trainer: t.predict(s.image), test, method))
+        tables.append(evaluate(lambda x, t=trainer: t.predict(x), test, method))
 
     name = f"quality_{args.modality}_r{round(args.ratio * 100):03d}"
     out = HERE / "results"

@@ -20,6 +20,7 @@ the full masks into "scribbles" that cover every pixel (full supervision).
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import random
@@ -46,10 +47,12 @@ from s2l_core.scribbles import BACKGROUND, FOREGROUND, UNLABELLED, validate_scri
 
 __all__ = [
     "CHECKPOINT_FORMAT",
+    "PRECISIONS",
     "PROFILES",
     "TrainConfig",
     "TrainSample",
     "Trainer",
+    "compress_weights",
     "load_checkpoint",
     "load_folder_samples",
     "load_samples",
@@ -590,6 +593,7 @@ class Trainer:
         total = c.epochs if epochs is None else int(epochs)
         bar = tqdm(total=total, initial=self.epoch, desc="training", disable=not progress)
         while self.epoch < total:
+            start = time.perf_counter()
             row = self.train_epoch(progress=False)
             last = self.epoch == total - 1
             if c.val_every and ((self.epoch + 1) % c.val_every == 0 or last):
@@ -600,6 +604,7 @@ class Trainer:
             row["ema_updated"] = bool(c.use_pseudo and due)
             if row["ema_updated"]:
                 row.update(self.update_ema())
+            row["epoch_seconds"] = time.perf_counter() - start  # training, validation and EMA
             self.history.append(row)
             self.epoch += 1
             bar.update(1)
@@ -715,22 +720,125 @@ class Trainer:
             )
         self.model.load_state_dict(state["model"])
 
-    def export(self, path: str | os.PathLike, *, extra: dict | None = None) -> Path:
-        """Write an inference checkpoint (selected weights, model and training config)."""
+    def export(
+        self,
+        path: str | os.PathLike,
+        *,
+        extra: dict | None = None,
+        precision: str = "float32",
+    ) -> Path:
+        """Write an inference checkpoint (selected weights, model and training config).
+
+        Parameters
+        ----------
+        path : str or os.PathLike
+            Where to write it (atomically).
+        extra : dict, optional
+            Metadata kept under ``"extra"``: plain values (str, numbers, bools, None,
+            lists and dicts of them; NumPy scalars are converted), so that the file loads
+            with ``weights_only=True``.
+        precision : {"float32", "float16", "int8"}, optional
+            How the weights are stored. ``"float16"`` halves the file; ``"int8"`` quarters
+            it, with one scale per output channel of every weight matrix or convolution
+            kernel (other tensors in float16). :func:`load_checkpoint` turns them back into
+            ``float32``, so every reader of checkpoints accepts all three.
+
+        Returns
+        -------
+        pathlib.Path
+            ``path``.
+        """
+        extra = _plain_metadata(extra or {})
         weights, epoch, how = self.best_state()
+        model, scales = compress_weights(
+            {k: v.detach().cpu() for k, v in weights.items()}, precision
+        )
         state = {
             "format": CHECKPOINT_FORMAT,
             "kind": "model",
             "model_config": self.model.to_config(),
-            "model": {k: v.detach().cpu() for k, v in weights.items()},
+            "model": model,
+            "precision": precision,
             "config": self.config.to_dict(),
             "selected": {"epoch": epoch, "how": how},
-            "extra": extra or {},
+            "extra": extra,
         }
+        if scales:
+            state["scales"] = scales
         path = Path(path)
         with atomic_path(path) as tmp:
             torch.save(state, tmp)
         return path
+
+
+PRECISIONS = ("float32", "float16", "int8")
+
+
+def _plain_metadata(extra: dict) -> dict:
+    """``extra`` with NumPy scalars made Python ones; an error for anything not plain."""
+
+    def plain(value):
+        if isinstance(value, np.generic):
+            return value.item()
+        raise TypeError(
+            f"checkpoint metadata must hold plain values (str, numbers, lists, dicts), "
+            f"got {type(value).__name__}: {value!r}"
+        )
+
+    if not isinstance(extra, dict):
+        raise TypeError(f"extra must be a dict, got {type(extra).__name__}")
+    return json.loads(json.dumps(extra, default=plain))
+
+
+def compress_weights(
+    weights: dict[str, torch.Tensor], precision: str
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Store a state dict's floating-point tensors in a smaller type.
+
+    Parameters
+    ----------
+    weights : dict of str to torch.Tensor
+        A model's ``state_dict`` (on the CPU).
+    precision : {"float32", "float16", "int8"}
+        ``"int8"``: every floating tensor of two or more dimensions (weight matrices and
+        convolution kernels) becomes ``int8`` with a symmetric ``float32`` scale per
+        output channel; the others (biases, norm statistics) become ``float16``.
+
+    Returns
+    -------
+    weights : dict of str to torch.Tensor
+        The stored tensors; integer tensors (counters) are unchanged.
+    scales : dict of str to torch.Tensor
+        ``(C_out,)`` ``float32`` scale of every ``int8`` tensor (empty unless ``"int8"``).
+    """
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    out, scales = {}, {}
+    for name, tensor in weights.items():
+        if not tensor.is_floating_point() or precision == "float32":
+            out[name] = tensor
+        elif precision == "int8" and tensor.ndim >= 2:
+            flat = tensor.float().reshape(tensor.shape[0], -1)
+            scale = flat.abs().amax(dim=1).clamp_min(1e-12) / 127.0
+            q = torch.round(flat / scale[:, None]).clamp_(-127, 127).to(torch.int8)
+            out[name], scales[name] = q.reshape(tensor.shape), scale
+        else:
+            out[name] = tensor.half()
+    return out, scales
+
+
+def _expand_weights(state: dict) -> None:
+    """Undo :func:`compress_weights` in a loaded checkpoint: every float tensor to float32."""
+    scales = state.pop("scales", {})
+    model = state.get("model")
+    if not isinstance(model, dict):
+        return
+    for name, tensor in model.items():
+        if name in scales:
+            scale = scales[name].float().reshape(-1, *([1] * (tensor.ndim - 1)))
+            model[name] = tensor.float() * scale
+        elif tensor.is_floating_point() and tensor.dtype != torch.float32:
+            model[name] = tensor.float()
 
 
 def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict:
@@ -742,6 +850,11 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
         If ``path`` does not exist.
     ValueError
         If the file is not a checkpoint of this package or of an incompatible format.
+
+    Notes
+    -----
+    Weights stored in ``float16`` or ``int8`` (see :meth:`Trainer.export`) are returned
+    as ``float32``.
     """
     path = Path(path)
     if not path.is_file():
@@ -757,4 +870,5 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
             f"{path} has checkpoint format {state['format']}; this version reads format "
             f"{CHECKPOINT_FORMAT}"
         )
+    _expand_weights(state)
     return state

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from s2l_core.augment import normalize_image
 from s2l_core.infer import predict_foreground
@@ -22,8 +23,10 @@ METRICS = REFERENCE / "s2l_fluorescence_r030.json"
 
 def test_reference_checkpoint_loads_with_current_code():
     assert CHECKPOINT.is_file() and METRICS.is_file(), "run tools/make_reference.py"
-    assert CHECKPOINT.stat().st_size < 8_000_000
+    assert CHECKPOINT.stat().st_size < 5_000_000  # int8 weights: a few MB
     model, state = load_model(CHECKPOINT, "cpu")
+    assert state["precision"] == "int8"
+    assert all(v.dtype != torch.float16 for v in model.state_dict().values())
     info = json.loads(METRICS.read_text())
     assert info["checkpoint"] == CHECKPOINT.name
     assert "tools/make_reference.py" in info["command"]

@@ -272,6 +272,53 @@ def test_loaded_model_predicts_like_the_trainer(synthetic_samples, tmp_path):
     assert state["config"]["model"] == TINY["model"]
 
 
+def test_compress_weights_by_hand():
+    from s2l_core.train import compress_weights
+
+    w = torch.tensor([[[[1.0, -0.25]]], [[[0.0, 0.0]]], [[[0.01, 0.04]]]])  # (3, 1, 1, 2)
+    stored, scales = compress_weights({"w": w, "b": torch.ones(3), "n": torch.tensor(7)}, "int8")
+    assert stored["w"].dtype == torch.int8 and stored["b"].dtype == torch.float16
+    assert stored["n"].item() == 7 and set(scales) == {"w"}
+    # Per output channel: the largest magnitude maps to 127, zeros stay exact.
+    assert stored["w"][:, 0, 0, :].tolist() == [[127, -32], [0, 0], [32, 127]]
+    assert torch.allclose(scales["w"], torch.tensor([1 / 127, 1e-12 / 127, 0.04 / 127]))
+    with pytest.raises(ValueError, match="precision must be one of"):
+        compress_weights({"w": w}, "int4")
+
+
+def test_export_metadata_must_load_safely(synthetic_samples, tmp_path):
+    trainer = _trainer(synthetic_samples(1), epochs=1)
+    extra = {"minutes": np.float64(1.5), "n": np.int64(3), "tags": ("a", "b")}
+    state = load_checkpoint(trainer.export(tmp_path / "m.pt", extra=extra))
+    assert state["extra"] == {"minutes": 1.5, "n": 3, "tags": ["a", "b"]}
+    with pytest.raises(TypeError, match=r"plain values.*Path"):
+        trainer.export(tmp_path / "bad.pt", extra={"where": tmp_path})
+    assert not (tmp_path / "bad.pt").exists()
+
+
+@pytest.mark.parametrize("precision", ["float16", "int8"])
+def test_smaller_checkpoints_load_as_float32_and_predict_alike(
+    synthetic_samples, tmp_path, precision
+):
+    samples = synthetic_samples(2)
+    trainer = _trainer(samples, epochs=1)
+    trainer.fit(progress=False)
+    full = trainer.export(tmp_path / "full.pt")
+    small = trainer.export(tmp_path / "small.pt", precision=precision)
+    assert small.stat().st_size < full.stat().st_size * (0.6 if precision == "float16" else 0.45)
+    state = load_checkpoint(small)
+    assert "scales" not in state and state["precision"] == precision
+    reference = load_checkpoint(full)["model"]
+    for name, tensor in state["model"].items():
+        assert tensor.dtype == reference[name].dtype, name
+        assert torch.allclose(tensor, reference[name], rtol=0.02, atol=1e-2), name
+    model, _ = load_model(small, "cpu")
+    prob = trainer.predict(samples[0].image)
+    from s2l_core.infer import predict_foreground
+
+    assert np.abs(predict_foreground(model, samples[0].image) - prob).max() < 0.05
+
+
 @pytest.mark.slow
 def test_smoke_training_on_real_images(prepared, scribble_set, tmp_path):
     from s2l_core.train import load_samples

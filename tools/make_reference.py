@@ -2,11 +2,13 @@
 
 Scribble2Label on the fluorescence training split with 30 % scribbles, the ``cpu``
 profile, seed 0; evaluated on the persisted test split. The weights are stored in
-float16 to keep the file small (they are cast back to float32 when loaded).
+int8 with a scale per output channel to keep the file small (they are turned back into
+float32 when loaded), and the metrics are those of the weights as stored.
 
 Usage (the documented command)::
 
     python tools/make_reference.py            # writes book/reference/s2l_fluorescence_r030.*
+    python tools/make_reference.py --resume   # continues an interrupted run
 """
 
 from __future__ import annotations
@@ -15,22 +17,20 @@ import argparse
 import json
 import shlex
 import sys
-import time
 from pathlib import Path
 
-import pandas as pd
 import torch
 
 from s2l_core import data, scribbles
-from s2l_core.augment import normalize_image
-from s2l_core.files import atomic_path, write_json
-from s2l_core.metrics import evaluate_image
-from s2l_core.predict import foreground_to_instances
-from s2l_core.train import TrainConfig, Trainer, load_checkpoint, load_samples
+from s2l_core.evaluate import SCORES, dataset_images, score_images
+from s2l_core.files import write_json
+from s2l_core.infer import predict_foreground
+from s2l_core.predict import load_model
+from s2l_core.train import TrainConfig, Trainer, load_samples
 
 ROOT = Path(__file__).resolve().parents[1]
 MIRROR = ROOT.parent / "shared" / "data" / "bbbc038" / "stage1_train.zip"
-METRICS = ["iou", "dice", "ap", "f1", "aji", "original_mdice", "object_dice"]
+METRICS = list(SCORES)
 
 
 def main() -> None:
@@ -42,6 +42,12 @@ def main() -> None:
     parser.add_argument("--source", default=str(MIRROR) if MIRROR.is_file() else None)
     parser.add_argument("--cache-dir")
     parser.add_argument("--out", type=Path, default=ROOT / "book" / "reference")
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the interrupted (or finished) run in runs/reference instead of "
+        "starting afresh",
+    )
     args = parser.parse_args()
 
     dataset = data.prepare_dataset(args.source, args.cache_dir, progress=False)
@@ -51,32 +57,32 @@ def main() -> None:
     val = load_samples(dataset, split["val"], scribble_set, args.ratio)
     config = TrainConfig.profile(args.profile, seed=args.seed)
     name = f"s2l_{args.modality}_r{round(args.ratio * 100):03d}"
-    work = ROOT / "runs" / "reference"
-    start = time.perf_counter()
-    trainer = Trainer(train, config, val=val)
-    history = trainer.fit(checkpoint=work / f"{name}.state.pt")
-    minutes = (time.perf_counter() - start) / 60
+    state_path = ROOT / "runs" / "reference" / f"{name}.state.pt"
+    if args.resume and state_path.is_file():
+        trainer = Trainer.resume(state_path, train, val=val)
+        print(f"resuming {state_path} at epoch {trainer.epoch}")
+    else:
+        trainer = Trainer(train, config, val=val)
+    history = trainer.fit(checkpoint=state_path)
+    # Summed over the history's epochs, so a resumed run counts every epoch once.
+    if "epoch_seconds" in history:
+        minutes = float(history["epoch_seconds"].sum()) / 60
+    else:  # a training state written before epoch times were recorded
+        minutes = float(history["seconds"].sum() + history["ema_seconds"].fillna(0).sum()) / 60
 
-    rows = []
-    for image_id in split["test"]:
-        prob = trainer.predict(normalize_image(dataset.image(image_id)))
-        pred = foreground_to_instances(prob, method="watershed")
-        gt = dataset.labels(image_id)
-        rows.append({"image_id": image_id, "size": "x".join(map(str, gt.shape))}
-                    | {k: evaluate_image(pred, gt)[k] for k in METRICS})  # fmt: skip
-    scores = pd.DataFrame(rows)
     command = "python " + " ".join(shlex.quote(a) for a in sys.argv)
     checkpoint = trainer.export(
         args.out / f"{name}.pt",
+        precision="int8",
         extra={"profile": args.profile, "command": command, "modality": args.modality,
                "ratio": args.ratio, "train_minutes": round(minutes, 1)},
     )  # fmt: skip
-    state = load_checkpoint(checkpoint)
-    state["model"] = {
-        k: v.half() if v.is_floating_point() else v for k, v in state["model"].items()
-    }
-    with atomic_path(checkpoint) as tmp:
-        torch.save(state, tmp)
+    # Score the weights as stored (int8), not the trainer's float32 ones.
+    model, _ = load_model(checkpoint, trainer.device)
+    scores = score_images(
+        lambda x: predict_foreground(model, x, device=trainer.device),
+        dataset_images(dataset, split["test"]),
+    )
     write_json(
         args.out / f"{name}.json",
         {
