@@ -92,6 +92,33 @@ def test_crops_are_seeded():
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_illumination_field_is_smooth_bounded_and_off_by_default():
+    image = np.zeros((3, 80, 80), np.float32)
+    scribble = np.full((80, 80), UNLABELLED, np.uint8)
+    scribble[10:20, 10:20] = 1
+    plain = AugmentConfig(crop_size=64, p_zoom=0, p_rotate=0, flips=False, p_intensity=0)
+    lit = AugmentConfig(
+        crop_size=64, p_zoom=0, p_rotate=0, flips=False, p_intensity=0,
+        illumination=(0.3, 0.5), p_illumination=1.0,
+    )  # fmt: skip
+    a = random_crops([image] * 4, [scribble] * 4, [None] * 4, np.random.default_rng(5), plain)
+    b = random_crops([image] * 4, [scribble] * 4, [None] * 4, np.random.default_rng(5), lit)
+    # Off by default: a black image stays black, and the crops are cut at the same places.
+    assert torch.all(a["image"] == 0)
+    assert torch.equal(a["scribble"], b["scribble"]) and torch.equal(a["valid"], b["valid"])
+    for field in b["image"]:
+        assert torch.equal(field[0], field[1]) and torch.equal(field[0], field[2])
+        # A field scaled to [0, 1] times an amplitude in [0.3, 0.5]: min 0, max in range.
+        assert abs(field.min().item()) < 1e-6 and 0.3 - 1e-5 <= field.max().item() <= 0.5
+        steps = torch.cat([field[0].diff(dim=0).abs().flatten(), field[0].diff(dim=1).abs()
+                           .flatten()])  # fmt: skip
+        assert steps.max() < 0.1  # smooth: no jump between neighbouring pixels
+    assert AugmentConfig.from_dict(lit.to_dict()) == lit
+    older = plain.to_dict()
+    del older["illumination"], older["p_illumination"]
+    assert AugmentConfig.from_dict(older) == plain
+
+
 @pytest.mark.parametrize("shape", [(70, 45), (32, 32), (130, 97)])
 def test_whole_image_prediction_keeps_the_size(shape):
     torch.manual_seed(0)
