@@ -70,7 +70,7 @@ def normalize_image(image: np.ndarray, low: float = 1.0, high: float = 99.8) -> 
 
 @dataclass(frozen=True)
 class AugmentConfig:
-    """Random crop, shift-scale-rotate, flips and brightness/contrast.
+    """Random crop, shift-scale-rotate, flips, brightness/contrast and illumination.
 
     Attributes
     ----------
@@ -264,7 +264,7 @@ def random_crops(
         out_scr.append(scr)
         out_ema.append(ema_crop * valid)
         out_valid.append(valid)
-    if augment and cfg.illumination != (0.0, 0.0):
+    if augment and any(cfg.illumination):
         for k, img in enumerate(out_img):
             if rng.random() < cfg.p_illumination:
                 field = _smooth_field(rng, img.shape[-2:])
