@@ -94,10 +94,11 @@ class AugmentConfig:
         Range of the amplitude of a smooth illumination field (a random 3×3 grid,
         bicubically upsampled to the crop and scaled to [0, 1]) added to the crop:
         positive adds a haze, negative a shading. ``(0, 0)``, the default, adds none and
-        draws no random number, so earlier results stay reproducible. ``(-0.2, 0.5)``
-        teaches the network that uneven illumination is not a nucleus: with the ``cpu``
-        profile it raised fluorescence test IoU from 0.842 to 0.852 and AP from 0.531
-        to 0.557 (validation IoU 0.818 to 0.833).
+        draws no random number. ``(-0.2, 0.5)``, which the ``cpu`` and ``full`` training
+        profiles use (:data:`s2l_core.train.ILLUMINATION`), teaches the network that
+        uneven illumination is not a nucleus: with the ``cpu`` profile it raised
+        fluorescence test IoU from 0.842 to 0.852 and AP from 0.531 to 0.557
+        (validation IoU 0.818 to 0.833).
     p_illumination : float
         Probability of an illumination field, when ``illumination`` is not ``(0, 0)``.
     """

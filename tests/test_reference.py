@@ -34,6 +34,8 @@ def test_reference_checkpoint_loads_with_current_code():
     assert info["checkpoint"] == CHECKPOINT.name
     assert "tools/make_reference.py" in info["command"]
     assert TrainConfig.from_dict(state["config"]) == TrainConfig.from_dict(info["config"])
+    # Chapter 4's cpu run must reproduce it: a changed profile needs a new reference.
+    assert TrainConfig.from_dict(state["config"]) == TrainConfig.profile("cpu")
     assert count_parameters(model) > 100_000
     prob = predict_foreground(model, np.zeros((3, 64, 80), np.float32))
     assert prob.shape == (64, 80) and np.isfinite(prob).all()
