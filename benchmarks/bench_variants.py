@@ -83,13 +83,17 @@ def make_config(variant: dict, seed: int):
 
 
 def summarize(scores) -> dict:
-    """Mean scores overall and per image size."""
-    overall = scores[list(SHOWN)].mean().round(4).to_dict()
-    by_size = {
-        size: group[list(SHOWN)].mean().round(4).to_dict() | {"images": len(group)}
-        for size, group in scores.groupby("size")
+    """Mean scores overall and per image size (:func:`s2l_core.evaluate.summarize_by`)."""
+    from s2l_core.evaluate import summarize_by
+
+    def plain(row) -> dict:
+        return {k: round(float(row[k]), 4) for k in SHOWN} | {"images": int(row["images"])}
+
+    by_size = summarize_by(scores, "size")
+    return {
+        "overall": plain(summarize_by(scores).iloc[0]),
+        "by_size": {size: plain(row) for size, row in by_size.iterrows()},
     }
-    return {"overall": overall | {"images": len(scores)}, "by_size": by_size}
 
 
 def run_variant(job: dict) -> dict:
@@ -98,7 +102,7 @@ def run_variant(job: dict) -> dict:
 
     torch.set_num_threads(job["threads"])
     from s2l_core import data, scribbles
-    from s2l_core.evaluate import score_images
+    from s2l_core.evaluate import dataset_images, score_images
     from s2l_core.train import Trainer, load_samples
 
     variant = job["variant"]
@@ -108,7 +112,6 @@ def run_variant(job: dict) -> dict:
     full = variant["method"] == "full"
     train = load_samples(dataset, ids["train"], scribble_set, job["ratio"], full_masks=full)
     val = load_samples(dataset, ids["val"], scribble_set, job["ratio"])
-    test = load_samples(dataset, ids["test"], scribble_set, job["ratio"])
     config = make_config(variant, job["seed"])
 
     start = time.perf_counter()
@@ -136,9 +139,9 @@ def run_variant(job: dict) -> dict:
     }
     if "ema_seconds" in history:
         result["median_ema_seconds"] = round(float(history["ema_seconds"].median()), 2)
-    for split, samples in (("val", val), ("test", test)):
-        triples = ((s.image_id, s.image, s.labels) for s in samples)
-        result[split] = summarize(score_images(trainer.predict, triples))
+    for split in ("val", "test"):
+        scores = score_images(trainer.predict, dataset_images(dataset, ids[split]))
+        result[split] = summarize(scores)
     print(
         f"{variant['name']:28s} val IoU {result['val']['overall']['iou']:.3f} "
         f"test IoU {result['test']['overall']['iou']:.3f} AP {result['test']['overall']['ap']:.3f}"

@@ -77,6 +77,8 @@ def test_summary_is_per_size_means():
             "aji": [0.2, 0.4, 0.6],
         }
     )
+    for other in ("dice", "original_mdice", "object_dice"):  # scored, not shown
+        scores[other] = 0.5
     summary = variants.summarize(scores)
     assert summary["overall"]["iou"] == pytest.approx(2.3 / 3, abs=1e-4)
     assert summary["overall"]["images"] == 3
