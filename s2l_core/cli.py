@@ -52,7 +52,8 @@ def _train(args: argparse.Namespace) -> int:
     from s2l_core import train
 
     overrides = {}
-    for name in ("epochs", "batch_size", "samples_per_epoch", "seed", "select"):
+    names = ("epochs", "batch_size", "samples_per_epoch", "seed", "select")
+    for name in (*names, "affinity", "affinity_sigma"):
         value = getattr(args, name)
         if value is not None:
             overrides[name] = value
@@ -183,6 +184,15 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument(
         "--select", choices=["last", "val_scribble", "val_iou_full_masks"],
         help="which weights to keep (default: last epoch)",
+    )  # fmt: skip
+    tr.add_argument(
+        "--affinity", type=float,
+        help="weight of the local affinity regulariser (an extension; 0 = off, the "
+        "default; 2 was measured on fluorescence)",
+    )  # fmt: skip
+    tr.add_argument(
+        "--affinity-sigma", type=float,
+        help="its intensity scale (default 0.1; 0.05 was measured on fluorescence)",
     )  # fmt: skip
     tr.add_argument("--device", default="auto", help="auto, cpu or cuda")
     tr.add_argument("--resume", action="store_true", help="continue from OUT.state.pt")

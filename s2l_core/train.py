@@ -38,7 +38,7 @@ from tqdm.auto import tqdm
 from s2l_core.augment import AugmentConfig, normalize_image, random_crops
 from s2l_core.files import atomic_path
 from s2l_core.infer import autocast_context, predict_foreground
-from s2l_core.losses import scribble2label_loss
+from s2l_core.losses import affinity_loss, scribble2label_loss
 from s2l_core.metrics import foreground_iou
 from s2l_core.model import from_config, parameter_groups
 from s2l_core.pseudo import EMAStore, ema_due, pseudo_label_accuracy
@@ -238,6 +238,10 @@ class TrainConfig:
         starts from the first prediction.
     use_pseudo : bool
         ``False`` trains on scribbles only (the pCE baseline).
+    affinity, affinity_sigma : float
+        Weight of the local affinity regulariser
+        (:func:`s2l_core.losses.affinity_loss`, an extension, not in the original; ``0``
+        is off) and its intensity scale.
     optimizer : {"radam", "adamw"}
         RAdam (the original's; its variance rectification warms the step size up over
         the first few hundred iterations) or AdamW (faster start for short budgets).
@@ -276,6 +280,8 @@ class TrainConfig:
     tau: float = 0.8
     lam: float = 0.5
     use_pseudo: bool = True
+    affinity: float = 0.0
+    affinity_sigma: float = 0.1
     optimizer: str = "radam"
     lr_encoder: float = 3e-4
     lr_decoder: float = 3e-3
@@ -297,6 +303,11 @@ class TrainConfig:
             raise ValueError(f"optimizer must be 'radam' or 'adamw', got {self.optimizer!r}")
         if self.select not in SELECTIONS:
             raise ValueError(f"select must be one of {SELECTIONS}, got {self.select!r}")
+        if not (math.isfinite(self.affinity) and self.affinity >= 0 and self.affinity_sigma > 0):
+            raise ValueError(
+                f"affinity must be finite and >= 0 and affinity_sigma > 0, got "
+                f"{self.affinity} and {self.affinity_sigma}"
+            )
         if self.epochs < 0 or self.batch_size < 1:
             raise ValueError("epochs must be >= 0 and batch_size >= 1")
         if isinstance(self.augment, dict):
@@ -458,7 +469,7 @@ class Trainer:
         self.model.train()
         use_pseudo = self.pseudo_active()
         order = self._epoch_order()
-        sums = {"loss": 0.0, "pce": 0.0, "pseudo": 0.0, "pseudo_fraction": 0.0}
+        sums = {"loss": 0.0, "pce": 0.0, "pseudo": 0.0, "affinity": 0.0, "pseudo_fraction": 0.0}
         n_batches = 0
         start = time.perf_counter()
         batches = range(0, len(order), c.batch_size)
@@ -484,6 +495,10 @@ class Trainer:
             loss, parts = scribble2label_loss(
                 logits, scribble, ema, tau=c.tau, lam=c.lam, use_pseudo=use_pseudo, valid=valid
             )
+            if c.affinity > 0:
+                smooth = affinity_loss(logits, x, valid, sigma_intensity=c.affinity_sigma)
+                loss = loss + c.affinity * smooth
+                sums["affinity"] += float(smooth.detach())
             self.optimizer.zero_grad(set_to_none=True)
             self.scaler.scale(loss).backward()
             self.scaler.step(self.optimizer)

@@ -7,6 +7,7 @@ from conftest import synthetic_nuclei
 
 from s2l_core.cli import main
 from s2l_core.files import read_image, write_image
+from s2l_core.predict import load_model
 from s2l_core.scribbles import synthesize_scribbles, to_napari
 
 
@@ -42,8 +43,11 @@ def test_cli_train_and_predict_own_images(tmp_path, capsys):
     out = tmp_path / "runs" / "mine.pt"
     args = ["train", "--images", str(images), "--scribbles", str(scribbles)]
     args += ["--scribble-format", "napari", "--profile", "smoke", "--out", str(out), "--quiet"]
-    assert main([*args, "--epochs", "2", "--device", "cpu"]) == 0
+    smooth = ["--affinity", "1.5", "--affinity-sigma", "0.05"]
+    assert main([*args, "--epochs", "2", "--device", "cpu", *smooth]) == 0
     assert out.is_file() and out.with_name("mine.state.pt").is_file()
+    config = load_model(out)[1]["config"]
+    assert (config["affinity"], config["affinity_sigma"]) == (1.5, 0.05)
     assert main([*args, "--epochs", "3", "--device", "cpu", "--resume"]) == 0
     assert "resumed from" in capsys.readouterr().out
     history = (tmp_path / "runs" / "mine.history.csv").read_text().splitlines()

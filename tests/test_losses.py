@@ -9,6 +9,7 @@ import torch
 
 from s2l_core.losses import (
     LossParts,
+    affinity_loss,
     partial_cross_entropy,
     pseudo_label_cross_entropy,
     pseudo_label_targets,
@@ -345,3 +346,112 @@ def test_total_ema_shape_error() -> None:
     logits, scribbles, _ = _batch()
     with pytest.raises(ValueError, match="scribbles must have shape"):
         scribble2label_loss(logits, scribbles, torch.zeros(2, 3, 4))
+
+
+# --------------------------------------------------------------------------- affinity
+
+
+def _grey(rows: list[list[float]]) -> torch.Tensor:
+    """(1, 3, H, W) image with the same intensities in every channel."""
+    return torch.tensor(rows).expand(1, 3, -1, -1).clone()
+
+
+def _fg_logits(rows: list[list[float]]) -> torch.Tensor:
+    """(1, 2, H, W) logits whose foreground probability is sigmoid(rows)."""
+    fg = torch.tensor(rows)
+    return torch.stack([torch.zeros_like(fg), fg])[None].requires_grad_()
+
+
+def test_affinity_hand_computed_row() -> None:
+    # One row of three pixels, intensities 0, 0, 1; radius 2 makes three pairs:
+    # (0, 1) and (1, 2) at distance 1, (0, 2) at distance 2.
+    p = [0.5, 1 / (1 + math.exp(-2.0)), 1 / (1 + math.exp(3.0))]
+    sx, si = 1.5, 0.1
+
+    def w(d: float, di: float) -> float:
+        return math.exp(-(d * d) / (2 * sx * sx) - di * di / (2 * si * si))
+
+    def cut(a: float, b: float) -> float:
+        return a * (1 - b) + (1 - a) * b
+
+    pairs = [(w(1, 0), cut(p[0], p[1])), (w(1, 1), cut(p[1], p[2])), (w(2, 1), cut(p[0], p[2]))]
+    expected = sum(a * b for a, b in pairs) / sum(a for a, _ in pairs)
+    loss = affinity_loss(
+        _fg_logits([[0.0, 2.0, -3.0]]), _grey([[0.0, 0.0, 1.0]]), radius=2, downsample=1
+    )
+    assert loss.dtype == torch.float32
+    assert loss.item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_affinity_prefers_boundaries_on_edges() -> None:
+    image = torch.zeros(1, 3, 16, 16)
+    image[..., 8:] = 1.0  # dark left half, bright right half
+
+    def halves(column: int) -> torch.Tensor:
+        fg = torch.full((16, 16), -12.0)
+        fg[:, column:] = 12.0
+        return _fg_logits(fg.tolist())
+
+    on_edge = affinity_loss(halves(8), image, downsample=1).item()
+    in_flat = affinity_loss(halves(4), image, downsample=1).item()
+    assert on_edge < 1e-3 < 0.05 < in_flat
+    uniform = affinity_loss(_fg_logits(torch.full((16, 16), 12.0).tolist()), image).item()
+    assert uniform < 1e-4  # agreeing everywhere costs (almost) nothing
+
+
+def test_affinity_downsampling_equals_the_pooled_problem() -> None:
+    gen = torch.Generator().manual_seed(0)
+    small_logits = torch.randn(2, 2, 6, 7, generator=gen)
+    small_image = torch.rand(2, 3, 6, 7, generator=gen)
+    big_logits = small_logits.repeat_interleave(2, -1).repeat_interleave(2, -2)
+    big_image = small_image.repeat_interleave(2, -1).repeat_interleave(2, -2)
+    small = affinity_loss(small_logits, small_image, downsample=1)
+    big = affinity_loss(big_logits, big_image, downsample=2)
+    assert big.item() == pytest.approx(small.item(), rel=1e-5)
+
+
+def test_affinity_valid_mask_and_empty() -> None:
+    gen = torch.Generator().manual_seed(1)
+    logits = torch.randn(1, 2, 8, 8, generator=gen, requires_grad=True)
+    image = torch.rand(1, 3, 8, 8, generator=gen)
+    valid = torch.ones(1, 8, 8, dtype=torch.bool)
+    valid[..., 6:] = False
+    loss = affinity_loss(logits, image, valid, downsample=2)
+    loss.backward()
+    assert torch.all(logits.grad[..., 6:] == 0)  # padding takes no part
+    changed = logits.detach().clone()
+    changed[..., 6:] = 40.0
+    assert affinity_loss(changed, image, valid, downsample=2).item() == pytest.approx(loss.item())
+
+    logits.grad = None
+    none = affinity_loss(logits, image, torch.zeros_like(valid))
+    assert none.item() == 0.0
+    none.backward()
+    assert torch.all(logits.grad == 0)
+
+
+def test_affinity_under_autocast_is_float32() -> None:
+    gen = torch.Generator().manual_seed(2)
+    logits = torch.randn(1, 2, 8, 8, generator=gen).to(torch.bfloat16).requires_grad_()
+    image = torch.rand(1, 3, 8, 8, generator=gen)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = affinity_loss(logits, image)
+    assert loss.dtype == torch.float32
+    assert loss.item() == affinity_loss(logits.detach().float(), image).item()
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "exc", "match"),
+    [
+        ({"image": torch.zeros(1, 3, 4, 5)}, ValueError, "image must have shape"),
+        ({"image": torch.zeros(1, 3, 4, 4, dtype=torch.uint8)}, TypeError, "floating-point"),
+        ({"radius": 0}, ValueError, "radius and downsample"),
+        ({"downsample": 0}, ValueError, "radius and downsample"),
+        ({"sigma_intensity": 0.0}, ValueError, "sigma_xy and sigma_intensity"),
+        ({"valid": torch.ones(1, 4, 5, dtype=torch.bool)}, ValueError, "valid"),
+    ],
+)
+def test_affinity_errors(kwargs, exc, match) -> None:
+    args = {"image": torch.zeros(1, 3, 4, 4)} | kwargs
+    with pytest.raises(exc, match=match):
+        affinity_loss(torch.zeros(1, 2, 4, 4), **args)

@@ -77,6 +77,21 @@ def test_pce_baseline_never_uses_pseudo_labels(synthetic_samples):
     assert not history["ema_updated"].any() and trainer.ema_updates == 0
 
 
+def test_affinity_term_is_logged_and_changes_training(synthetic_samples):
+    train = synthetic_samples(2)
+    plain = _trainer(train, epochs=2)
+    plain.fit(progress=False)
+    smooth = _trainer(train, epochs=2, affinity=2.0, affinity_sigma=0.05)
+    history = smooth.fit(progress=False)
+    assert (plain.history_frame()["affinity"] == 0).all()
+    assert (history["affinity"] > 0).all() and (history["affinity"] < 1).all()
+    a, b = plain.model.state_dict(), smooth.model.state_dict()
+    assert not all(torch.equal(a[k], b[k]) for k in a)
+    for bad in ({"affinity": -1.0}, {"affinity": float("nan")}, {"affinity_sigma": 0.0}):
+        with pytest.raises(ValueError, match="affinity"):
+            TrainConfig(**bad)
+
+
 def test_frozen_head_reproduces_the_original_defect(synthetic_samples):
     frozen = _trainer(synthetic_samples(2), epochs=1, freeze_head=True)
     before = [p.clone() for p in frozen.model.head_parameters()]
