@@ -425,9 +425,9 @@ def affinity_loss(
         Intensity scale: neighbours whose intensities differ by much more than this are
         free to disagree.
     downsample : int, default 2
-        Average-pool probabilities and image by this factor first (4x fewer pairs per
-        step of 2; the window then reaches ``radius * downsample`` full-resolution
-        pixels).
+        Average-pool probabilities and image by this factor first: a factor of 2 makes
+        4 times fewer pairs, and the window then reaches ``radius * downsample``
+        full-resolution pixels.
 
     Returns
     -------
