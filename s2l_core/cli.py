@@ -52,8 +52,10 @@ def _train(args: argparse.Namespace) -> int:
     from s2l_core import train
 
     overrides = {}
-    names = ("epochs", "batch_size", "samples_per_epoch", "seed", "select")
-    for name in (*names, "affinity", "affinity_sigma"):
+    for name in (
+        "epochs", "batch_size", "samples_per_epoch", "seed", "select", "affinity",
+        "affinity_sigma",
+    ):  # fmt: skip
         value = getattr(args, name)
         if value is not None:
             overrides[name] = value
