@@ -70,7 +70,7 @@ def normalize_image(image: np.ndarray, low: float = 1.0, high: float = 99.8) -> 
 
 @dataclass(frozen=True)
 class AugmentConfig:
-    """Random crop, shift-scale-rotate, flips, brightness/contrast and illumination.
+    """Random crop, shift-scale-rotate, flips, gamma, brightness/contrast and illumination.
 
     Attributes
     ----------
@@ -101,6 +101,17 @@ class AugmentConfig:
         (validation IoU 0.818 to 0.833).
     p_illumination : float
         Probability of an illumination field, when ``illumination`` is not ``(0, 0)``.
+    gamma : tuple of float
+        Range of a gamma correction, sampled log-uniformly and applied between the
+        crop's own minimum and maximum: ``x -> lo + (hi - lo) * ((x - lo) / (hi - lo)) **
+        g``. Values below 1 lift dim structures, above 1 press them down, so that the
+        network has to judge by shape rather than by brightness — for images whose
+        display curves differ, which a per-image linear normalisation does not undo.
+        ``(1, 1)``, the default, changes nothing and draws no random number. Not in any
+        profile: on BBBC038 fluorescence, where brightness is evidence, ``(0.5, 2)``
+        lowered test IoU from 0.852 to 0.840 (``cpu`` profile, one run).
+    p_gamma : float
+        Probability of a gamma correction, when ``gamma`` is not ``(1, 1)``.
     """
 
     crop_size: int = 256
@@ -113,21 +124,41 @@ class AugmentConfig:
     p_intensity: float = 0.5
     illumination: tuple[float, float] = (0.0, 0.0)
     p_illumination: float = 0.5
+    gamma: tuple[float, float] = (1.0, 1.0)
+    p_gamma: float = 0.5
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "gamma", tuple(float(g) for g in self.gamma))
+        lo, hi = self.gamma
+        if not 0 < lo <= hi:
+            raise ValueError(
+                f"gamma must be a range (low, high) with 0 < low <= high, got {self.gamma}"
+            )
 
     def to_dict(self) -> dict:
         """Plain-type dict (for checkpoints)."""
         d = asdict(self)
         d["zoom"] = list(self.zoom)
         d["illumination"] = list(self.illumination)
+        d["gamma"] = list(self.gamma)
         return d
 
     @classmethod
     def from_dict(cls, d: dict) -> AugmentConfig:
         """Inverse of :meth:`to_dict` (older checkpoints lack the newer fields)."""
         d = {**d, "zoom": tuple(d["zoom"])}
-        if "illumination" in d:
-            d["illumination"] = tuple(d["illumination"])
+        for key in ("illumination", "gamma"):
+            if key in d:
+                d[key] = tuple(d[key])
         return cls(**d)
+
+
+def _gamma(img: torch.Tensor, g: float) -> torch.Tensor:
+    """Gamma-correct ``img`` between its own minimum and maximum (a flat crop is kept)."""
+    lo, hi = img.min(), img.max()
+    if hi - lo < 1e-6:
+        return img
+    return lo + (hi - lo) * ((img - lo) / (hi - lo)) ** g
 
 
 def _sampling_grid(
@@ -256,6 +287,8 @@ def random_crops(
             img, scr, ema_crop, valid = _gather(image, scribble, ema, coords)
         else:
             img, scr, ema_crop, valid = _interpolate(image, scribble, ema, coords)
+        if augment and cfg.gamma != (1.0, 1.0) and rng.random() < cfg.p_gamma:
+            img = _gamma(img, float(np.exp(rng.uniform(*np.log(cfg.gamma)))))
         if augment and rng.random() < cfg.p_intensity:
             c = 1 + rng.uniform(-cfg.contrast, cfg.contrast)
             shift = rng.uniform(-cfg.brightness, cfg.brightness)

@@ -13,7 +13,7 @@ from skimage.segmentation import find_boundaries
 
 from s2l_core.scribbles import BACKGROUND, FOREGROUND
 
-__all__ = ["BG_COLOUR", "FG_COLOUR", "outline", "show_image", "show_scribbles"]
+__all__ = ["BG_COLOUR", "FG_COLOUR", "outline", "show_image", "show_profile", "show_scribbles"]
 
 FG_COLOUR = "#ff7f0e"
 BG_COLOUR = "#1f77b4"
@@ -89,6 +89,34 @@ def show_scribbles(
     ax.imshow(rgb)
     ax.set_title(title, fontsize=9)
     ax.set_axis_off()
+
+
+def show_profile(ax, values: np.ndarray, masks: dict[str, np.ndarray], title: str = "") -> None:
+    """Plot grey values along a line, with where each mask covers it shaded beneath.
+
+    Parameters
+    ----------
+    ax : matplotlib.axes.Axes
+        Where to draw.
+    values : numpy.ndarray
+        ``(L,)`` grey values or ``(L, C)`` colours (averaged over channels).
+    masks : dict of str to numpy.ndarray
+        ``(L,)`` masks or label rows (covered where ``> 0``), by legend name; each is
+        shaded a little lower than the one before, so that they stay apart.
+    title : str, optional
+        Axis title.
+    """
+    values = np.asarray(values, dtype=float)
+    if values.ndim == 2:
+        values = values.mean(axis=1)
+    top = values.max() if values.size and values.max() > 0 else 1.0
+    x = np.arange(len(values))
+    for k, (name, mask) in enumerate(masks.items()):
+        height = top * (1.0 - 0.15 * k)
+        ax.fill_between(x, 0, height * (np.asarray(mask) > 0), alpha=0.3, step="mid", label=name)
+    ax.plot(x, values, color="0.2", label="grey value")
+    ax.set(title=title, xlabel="pixel along the line", ylabel="grey value")
+    ax.legend(fontsize=8)
 
 
 def figure_grid(n: int, ncols: int = 3, size: float = 3.2):

@@ -119,6 +119,45 @@ def test_illumination_field_is_smooth_bounded_and_off_by_default():
     assert AugmentConfig.from_dict(older) == plain
 
 
+def test_gamma_bends_intensities_between_the_crops_extremes_and_is_off_by_default():
+    ramp = np.tile(np.linspace(0.2, 1.0, 80, dtype=np.float32), (3, 80, 1))  # 0.2 … 1 along x
+    scribble = np.full((80, 80), UNLABELLED, np.uint8)
+    fixed = dict(crop_size=80, p_zoom=0, p_rotate=0, flips=False, p_intensity=0)
+    plain = AugmentConfig(**fixed)  # crops the whole ramp, turned by a multiple of 90°
+
+    def crop(cfg, seed):
+        return random_crops([ramp], [scribble], [None], np.random.default_rng(seed), cfg)["image"][
+            0
+        ]
+
+    assert torch.equal(
+        crop(plain, 2).flatten().sort().values, torch.from_numpy(ramp).flatten().sort().values
+    )
+    # By hand: lo 0.2, hi 1.0, so x -> 0.2 + 0.8 * ((x - 0.2) / 0.8) ** 2 (the same turn).
+    a, b = crop(plain, 2), crop(AugmentConfig(**fixed, gamma=(2.0, 2.0), p_gamma=1.0), 2)
+    assert torch.allclose(b, 0.2 + 0.8 * ((a - 0.2) / 0.8) ** 2, atol=1e-6)
+    assert b.min() == pytest.approx(0.2) and b.max() == pytest.approx(1.0)  # extremes stay
+    # A range draws a gamma per crop, within it and on both sides of 1.
+    wide = AugmentConfig(**fixed, gamma=(0.5, 2.0), p_gamma=1.0)
+    lo_g, hi_g = [], []
+    for seed in range(40):
+        x, y = (crop(plain, seed) - 0.2) / 0.8, (crop(wide, seed) - 0.2) / 0.8
+        inner = (x > 0.05) & (x < 0.95)
+        g = torch.log(y[inner]) / torch.log(x[inner])  # the gamma that was applied
+        assert g.max() - g.min() < 1e-3  # one gamma for the whole crop
+        assert 0.5 - 1e-3 <= g.mean() <= 2.0 + 1e-3
+        (lo_g if g.mean() < 1 else hi_g).append(g.mean())
+    assert lo_g and hi_g
+    assert AugmentConfig.from_dict(wide.to_dict()) == wide
+    older = plain.to_dict()
+    del older["gamma"], older["p_gamma"]
+    assert AugmentConfig.from_dict(older) == plain
+    with pytest.raises(ValueError, match="gamma must be a range"):
+        AugmentConfig(gamma=(2.0, 0.5))
+    with pytest.raises(ValueError, match="gamma must be a range"):
+        AugmentConfig(gamma=(0.0, 1.0))
+
+
 @pytest.mark.parametrize("shape", [(70, 45), (32, 32), (130, 97)])
 def test_whole_image_prediction_keeps_the_size(shape):
     torch.manual_seed(0)

@@ -462,3 +462,48 @@ def test_validation_errors():
         M.original_mdice(a, a.astype(np.float32))
     with pytest.raises(ValueError, match="at least one"):
         M.summarize([])
+
+
+def disk_mask(shape, center, radius):
+    yy, xx = np.mgrid[: shape[0], : shape[1]]
+    return (yy - center[0]) ** 2 + (xx - center[1]) ** 2 <= radius**2
+
+
+def test_border_offset_finds_a_constant_offset_both_ways():
+    dot = np.zeros((15, 15), np.uint8)
+    dot[7, 7] = 1
+    disk = disk_mask((15, 15), (7, 7), 2)  # 13 pixels
+    # One pixel grown by a disk of radius 2 is that disk: IoU 1 at +2, exactly.
+    grow = M.border_offset(dot, disk, max_radius=3)
+    assert grow.offset == 2 and list(grow.radii) == [-3, -2, -1, 0, 1, 2, 3]
+    assert grow.ious[3] == pytest.approx(1 / 13)  # as predicted: 1 of 13 pixels
+    assert grow.ious[3] == pytest.approx(M.foreground_iou(dot, disk))
+    assert grow.ious[5] == pytest.approx(1.0)
+    assert grow.ious[4] == pytest.approx(5 / 13)  # radius 1: the 4-neighbourhood cross
+    assert grow.ious[0] == grow.ious[1] == grow.ious[2] == pytest.approx(1e-6 / (13 + 1e-6))
+    # And the other way: the disk shrunk by 2 is the dot.
+    shrink = M.border_offset(disk, dot, max_radius=3)
+    assert shrink.offset == -2 and shrink.ious[1] == pytest.approx(1.0)
+    # Larger disks: a truth 3 px wider all round is found as +3, a narrower one as -3.
+    small, large = disk_mask((60, 60), (30, 30), 8), disk_mask((60, 60), (30, 30), 11)
+    assert M.border_offset(small, large).offset == 3
+    assert M.border_offset(large, small).offset == -3
+    assert M.border_offset(large, large).offset == 0
+
+
+def test_border_offset_ties_edges_and_errors():
+    # Nothing predicted, nothing true: every radius scores 1, the tie goes to 0.
+    empty = np.zeros((8, 8), np.uint8)
+    result = M.border_offset(empty, empty, max_radius=2)
+    assert result.offset == 0 and np.allclose(result.ious, 1.0)
+    # A nucleus cut by the image border is not shrunk from the border side.
+    edge = np.zeros((10, 10), np.uint8)
+    edge[0:4, 3:7] = 1
+    eroded = M.border_offset(edge, edge, max_radius=1)
+    assert eroded.ious[0] == pytest.approx(6 / 16)  # rows 0-2 (not 1-2), columns 4-5
+    with pytest.raises(ValueError, match="max_radius must be a non-negative integer"):
+        M.border_offset(edge, edge, max_radius=-1)
+    with pytest.raises(ValueError, match="max_radius must be a non-negative integer"):
+        M.border_offset(edge, edge, max_radius=1.5)
+    with pytest.raises(ValueError, match="shape"):
+        M.border_offset(edge, edge[:5])
