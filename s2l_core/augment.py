@@ -128,12 +128,15 @@ class AugmentConfig:
     p_gamma: float = 0.5
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "gamma", tuple(float(g) for g in self.gamma))
-        lo, hi = self.gamma
-        if not 0 < lo <= hi:
+        try:
+            gamma = tuple(float(g) for g in self.gamma)
+        except (TypeError, ValueError):
+            gamma = ()
+        if len(gamma) != 2 or not 0 < gamma[0] <= gamma[1]:
             raise ValueError(
-                f"gamma must be a range (low, high) with 0 < low <= high, got {self.gamma}"
+                f"gamma must be a range (low, high) with 0 < low <= high, got {self.gamma!r}"
             )
+        object.__setattr__(self, "gamma", gamma)
 
     def to_dict(self) -> dict:
         """Plain-type dict (for checkpoints)."""

@@ -154,8 +154,10 @@ def test_gamma_bends_intensities_between_the_crops_extremes_and_is_off_by_defaul
     assert AugmentConfig.from_dict(older) == plain
     with pytest.raises(ValueError, match="gamma must be a range"):
         AugmentConfig(gamma=(2.0, 0.5))
-    with pytest.raises(ValueError, match="gamma must be a range"):
-        AugmentConfig(gamma=(0.0, 1.0))
+    for bad in [(0.0, 1.0), 2.0, (0.5, 1.0, 2.0), ("a", "b")]:
+        with pytest.raises(ValueError, match="gamma must be a range"):
+            AugmentConfig(gamma=bad)
+    assert AugmentConfig(gamma=[1, 2]).gamma == (1.0, 2.0)  # lists and ints are accepted
 
 
 @pytest.mark.parametrize("shape", [(70, 45), (32, 32), (130, 97)])
