@@ -538,8 +538,8 @@ def original_mdice(pred_foreground: ArrayLike, gt_labels: ArrayLike) -> float:
     n_inst = int(inst.max())
     best_inter = np.zeros(n_labels, dtype=np.int64)
     best_area = np.zeros(n_labels, dtype=np.int64)
-    if n_inst:
-        both = (g > 0) & (inst > 0)
+    both = (g > 0) & (inst > 0)
+    if n_inst and both.any():  # no overlap at all: every label keeps 0
         keys, inter = np.unique(g[both] * (n_inst + 1) + inst[both], return_counts=True)
         gl, pl = np.divmod(keys, n_inst + 1)
         order = np.lexsort((pl, -inter, gl))

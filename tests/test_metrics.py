@@ -294,6 +294,16 @@ def test_original_mdice_four_nuclei_three_misses():
     assert M.average_precision(pred, gt) == pytest.approx(0.25)
 
 
+def test_original_mdice_when_no_prediction_touches_any_nucleus():
+    # One 100-pixel nucleus inside, one 100-pixel nucleus on the border; the only
+    # predicted object (100 px, kept: >= 64) lies elsewhere. Nucleus 1 is missed and starts
+    # the border drop, so nucleus 2 scores 1: (eps / (100 + eps) + 1) / 2.
+    gt = boxes((50, 50), (10, 20, 10, 20), (40, 50, 0, 10))
+    pred = boxes((50, 50), (30, 40, 30, 40))
+    assert M.original_mdice(pred, gt) == pytest.approx((EPS / (100 + EPS) + 1) / 2, rel=1e-12)
+    assert M.evaluate_image(pred, gt)["object_dice"] == 0.0
+
+
 def test_original_mdice_depends_on_label_order():
     # Border nucleus (10x20 = 200 px) half predicted (Dice 2*100/300); inside nucleus
     # missed. Border nucleus visited first: scored normally. Visited after the miss: 1.
