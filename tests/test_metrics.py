@@ -517,3 +517,23 @@ def test_border_offset_ties_edges_and_errors():
         M.border_offset(edge, edge, max_radius=1.5)
     with pytest.raises(ValueError, match="shape"):
         M.border_offset(edge, edge[:5])
+
+
+def test_every_score_is_defined_and_in_range_on_random_label_images():
+    # Random rectangles, overlapping or not, repeated labels, gaps, empty images, 1-pixel
+    # images: every score of evaluate_image lies in [0, 1] and none raises.
+    rng = np.random.default_rng(0)
+
+    def random_labels(h, w):
+        labels = np.zeros((h, w), np.int32)
+        for _ in range(rng.integers(0, 5)):
+            r0, c0 = rng.integers(0, h), rng.integers(0, w)
+            r1, c1 = r0 + rng.integers(1, 15), c0 + rng.integers(1, 15)
+            labels[r0:r1, c0:c1] = rng.integers(1, 8)
+        return labels
+
+    for _ in range(400):
+        h, w = rng.integers(1, 40, 2)
+        row = M.evaluate_image(random_labels(h, w), random_labels(h, w))
+        for key in ("iou", "dice", "ap", "f1", "aji", "original_mdice", "object_dice"):
+            assert 0.0 <= row[key] <= 1.0 + 1e-9, (key, row[key])
