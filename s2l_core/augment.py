@@ -25,7 +25,9 @@ def normalize_image(image: np.ndarray, low: float = 1.0, high: float = 99.8) -> 
 
     Grey images are repeated to three channels and alpha is dropped; intensities are
     scaled per image so that the ``low`` and ``high`` percentiles map to 0 and 1, which
-    makes 8-bit, 16-bit, dim and bright images alike.
+    makes 8-bit, 16-bit, dim and bright images alike. In floating-point images, NaN and
+    infinite pixels (the padding of a registered or stitched image, say) are left out of
+    the percentiles and set to the ``low`` one, so they read as background.
 
     Parameters
     ----------
@@ -43,7 +45,8 @@ def normalize_image(image: np.ndarray, low: float = 1.0, high: float = 99.8) -> 
     Raises
     ------
     ValueError
-        If the shape or dtype is not an image's.
+        If the shape or dtype is not an image's, the image is empty, or no pixel is
+        finite.
     """
     image = np.asarray(image)
     if image.ndim == 3 and image.shape[2] in (1, 3, 4):
@@ -59,11 +62,22 @@ def normalize_image(image: np.ndarray, low: float = 1.0, high: float = 99.8) -> 
         np.issubdtype(image.dtype, np.integer) or np.issubdtype(image.dtype, np.floating)
     ):
         raise ValueError(f"unsupported image dtype {image.dtype}")
+    if image.shape[0] == 0 or image.shape[1] == 0:
+        raise ValueError(f"the image is empty (shape {image.shape})")
     x = image.astype(np.float32)
     step = max(1, int(math.sqrt(x.shape[0] * x.shape[1] / 65536)))
-    lo, hi = np.percentile(x[::step, ::step], (low, high))
+    sample = x[::step, ::step]
+    finite = np.isfinite(x) if np.issubdtype(image.dtype, np.floating) else None
+    if finite is not None and not finite.all():
+        if not finite.any():
+            raise ValueError("the image has no finite value: every pixel is NaN or infinite")
+        sample = sample[finite[::step, ::step]]
+        sample = sample if sample.size else x[finite]
+    lo, hi = np.percentile(sample, (low, high))
     if hi - lo < 1e-6:
         hi = lo + 1.0
+    if finite is not None:
+        x = np.where(finite, x, lo)  # NaN and ±inf (e.g. padding) read as background
     x = (x - lo) / (hi - lo)
     return np.ascontiguousarray(np.clip(x, -0.5, 1.5).transpose(2, 0, 1), dtype=np.float32)
 

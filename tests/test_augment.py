@@ -26,6 +26,23 @@ def test_normalize_kinds_of_image():
     assert np.all(np.isfinite(normalize_image(np.zeros((5, 5), np.uint8))))  # flat image
     with pytest.raises(ValueError, match="expected an image of shape"):
         normalize_image(np.zeros((4, 4, 2)))
+    with pytest.raises(ValueError, match="the image is empty"):
+        normalize_image(np.zeros((0, 7), np.uint8))
+
+
+def test_normalize_sets_nan_and_infinite_pixels_to_background():
+    image = np.linspace(0, 1000, 20 * 30, dtype=np.float32).reshape(20, 30)
+    image[0, :10] = np.nan  # padding of a registered image
+    image[0, 10:] = np.inf
+    image[0, 29] = -np.inf
+    out = normalize_image(image)
+    assert np.all(np.isfinite(out))
+    # The finite rows are scaled exactly as if the first row were not there …
+    assert np.array_equal(out[:, 1:], normalize_image(image[1:]))
+    # … and the non-finite pixels take the low percentile: 0.
+    assert np.all(out[:, 0] == 0)
+    with pytest.raises(ValueError, match="no finite value"):
+        normalize_image(np.full((4, 4), np.nan, np.float32))
 
 
 def _position_image(h, w):
