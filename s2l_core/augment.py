@@ -56,7 +56,8 @@ def normalize_image(image: np.ndarray, low: float = 1.0, high: float = 99.8) -> 
     if image.ndim != 3 or image.shape[2] != 3:
         raise ValueError(
             f"expected an image of shape (H, W), (H, W, 1), (H, W, 3) or (H, W, 4), "
-            f"got {image.shape}"
+            f"got {image.shape}; for an image with other channels (or a stack), save the "
+            f"nuclear channel (or each plane) as an image of its own"
         )
     if image.dtype == bool or not (
         np.issubdtype(image.dtype, np.integer) or np.issubdtype(image.dtype, np.floating)

@@ -304,14 +304,17 @@ def predict_folder(
     with atomic_dir(output_dir) as tmp:
         for path in tqdm(files, desc="predict", disable=not progress):
             image = read_image(path)
-            prob, labels = predict_image(
-                model,
-                image,
-                device=device,
-                threshold=threshold,
-                instances=method if mode == "instance" else None,
-                min_size=min_size,
-            )
+            try:
+                prob, labels = predict_image(
+                    model,
+                    image,
+                    device=device,
+                    threshold=threshold,
+                    instances=method if mode == "instance" else None,
+                    min_size=min_size,
+                )
+            except ValueError as err:  # an image of an unsupported kind: say which
+                raise ValueError(f"{path}: {err}") from err
             out_suffix = suffix or (
                 path.suffix.lower() if path.suffix.lower() in (".png", ".tif", ".tiff") else ".tif"
             )

@@ -95,9 +95,8 @@ class TrainSample:
         labels: np.ndarray | None = None,
     ) -> TrainSample:
         """Build a sample from a raw image of any supported kind (normalised here)."""
-        image = np.asarray(image)
-        scribble = validate_scribble(scribble, shape=image.shape[:2])
-        return cls(image_id, normalize_image(image), scribble, labels)
+        x = normalize_image(image)  # first: an unsupported image is the error to report
+        return cls(image_id, x, validate_scribble(scribble, shape=x.shape[1:]), labels)
 
 
 def load_samples(
@@ -199,10 +198,11 @@ def load_folder_samples(
         image = read_image(path)
         raw = read_image(found[0])
         try:
-            scribble = from_napari(raw, image.shape[:2]) if scribble_format == "napari" else raw
-            samples.append(TrainSample.from_arrays(path.stem, image, scribble))
-        except ValueError as err:
-            raise ValueError(f"{found[0]}: {err}") from err
+            x = normalize_image(image)  # first: an unsupported image is the error to report
+            scribble = from_napari(raw, x.shape[1:]) if scribble_format == "napari" else raw
+            samples.append(TrainSample(path.stem, x, validate_scribble(scribble, x.shape[1:])))
+        except ValueError as err:  # the image's kind or the scribbles: name both files
+            raise ValueError(f"{path} (scribbles {found[0].name}): {err}") from err
     if not samples:
         raise ValueError(
             f"no image in {images_dir} has a scribble file (same name, .png/.tif) in "

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import tifffile
 from conftest import synthetic_nuclei
 
 from s2l_core.cli import main
@@ -74,3 +75,9 @@ def test_cli_errors_are_reported(tmp_path, capsys):
         ["train", "--images", str(images), "--scribbles", str(scribbles), "--out", "x.pt"]
     )
     assert status == 2 and "values" in capsys.readouterr().err  # napari layers read as s2l
+    # An image of a kind the network does not take is named, with its scribble file.
+    tifffile.imwrite(images / "cells_0.tif", np.zeros((2, 80, 100), np.uint16))
+    args = ["train", "--images", str(images), "--scribbles", str(scribbles)]
+    status = main([*args, "--scribble-format", "napari", "--out", "x.pt"])
+    err = capsys.readouterr().err
+    assert status == 2 and "cells_0.tif (scribbles cells_0.png)" in err and "nuclear channel" in err

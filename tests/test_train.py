@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 import pytest
+import tifffile
 import torch
 
 from s2l_core.augment import AugmentConfig
@@ -272,6 +273,12 @@ def test_predict_folder_errors_leave_no_partial_output(tiny_checkpoint, tmp_path
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".out")] == []
     with pytest.raises(FileNotFoundError, match="checkpoint not found"):
         predict_folder(tmp_path / "missing.pt", src, tmp_path / "out2", progress=False)
+    # A readable image of a kind the network does not take (two channels, first): named.
+    (src / "b.png").unlink()
+    tifffile.imwrite(src / "c.tif", np.zeros((2, 40, 40), np.uint16))
+    with pytest.raises(ValueError, match=r"c\.tif: expected an image of shape .* nuclear channel"):
+        predict_folder(tiny_checkpoint, src, tmp_path / "out3", progress=False, device="cpu")
+    assert not (tmp_path / "out3").exists()
 
 
 def test_loaded_model_predicts_like_the_trainer(synthetic_samples, tmp_path):
