@@ -271,7 +271,9 @@ def scribble_pieces(labels: np.ndarray, *, min_distance: int = 5) -> ScribblePie
     fg_pieces, n_fg = ndi.label(skeletonize(fg), structure=_EIGHT)
     bg_skeleton = skeletonize(~fg)
     if bg_skeleton.any():
-        response = corner_harris(bg_skeleton.astype(np.float64))
+        x = bg_skeleton.astype(np.float64)
+        # scikit-image squeezes an image one pixel high or wide to 1-D and refuses it.
+        response = corner_harris(x) if min(x.shape) > 1 else corner_harris(np.pad(x, 1))[1:-1, 1:-1]
         # threshold_rel=0.1 is the default of the scikit-image the original ran on;
         # newer releases changed it and also return peaks in flat regions.
         corners = corner_peaks(response, min_distance=min_distance, threshold_rel=0.1)

@@ -93,6 +93,33 @@ def test_empty_mask_gives_no_scribbles():
     assert np.all(result.scribble == UNLABELLED)
 
 
+def test_scribbles_stay_in_their_class_on_random_masks_of_any_size():
+    # Random rectangles on images from 1x1 to 40x40, including one pixel high or wide
+    # (which scikit-image's corner detector refuses as such): foreground strokes lie on
+    # nuclei, background strokes off them, and every value is 0, 1 or 250.
+    rng = np.random.default_rng(1)
+    shapes = [(1, 50), (50, 1), (1, 1), (2, 30)] + [
+        tuple(rng.integers(1, 40, 2)) for _ in range(60)
+    ]
+    for h, w in shapes:
+        labels = np.zeros((h, w), np.int32)
+        for k in range(rng.integers(0, 5)):
+            r0, c0 = rng.integers(0, h), rng.integers(0, w)
+            labels[r0 : r0 + rng.integers(1, 15), c0 : c0 + rng.integers(1, 15)] = k + 1
+        for ratio in (0.1, 1.0):
+            s = synthesize_scribbles(labels, ratio, seed=3).scribble
+            assert s.shape == (h, w) and set(np.unique(s)) <= {BACKGROUND, FOREGROUND, UNLABELLED}
+            assert not np.any((s == FOREGROUND) & (labels == 0))
+            assert not np.any((s == BACKGROUND) & (labels > 0))
+    line = np.zeros((1, 50), np.int32)
+    line[0, 10:20] = 1
+    s = synthesize_scribbles(line, 1.0, seed=0).scribble
+    # The nucleus is its own stroke; the background skeleton is the two runs beside it,
+    # and one of them is kept (as many background pieces as foreground ones).
+    assert np.all(s[0, 10:20] == FOREGROUND)
+    assert np.all(s[0, :10] == BACKGROUND) != np.all(s[0, 20:] == BACKGROUND)
+
+
 def test_seed_key_and_nesting():
     mask = lines_mask(20)
     a = synthesize_scribbles(mask, RATIOS, seed=5, key="img")
