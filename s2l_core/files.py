@@ -126,6 +126,8 @@ def read_image(path: PathLike) -> np.ndarray:
 
     PNG, JPEG, BMP and TIFF are supported. 16-bit images stay ``uint16``; TIFF files are
     read with :mod:`tifffile`, so multi-sample and 16-bit TIFFs keep their values.
+    Palette images become RGB (RGBA with transparency), grey with alpha becomes grey, and
+    CMYK or other colour spaces become RGB.
 
     Parameters
     ----------
@@ -159,6 +161,10 @@ def read_image(path: PathLike) -> np.ndarray:
                 return np.array(im, dtype=np.int64).astype(np.uint32)
             if im.mode in ("P", "PA"):
                 im = im.convert("RGBA" if im.mode == "PA" else "RGB")
+            elif im.mode in ("LA", "La"):  # grey with alpha: the grey (alpha dropped)
+                im = im.convert("L")
+            elif im.mode in ("CMYK", "YCbCr", "LAB", "HSV"):  # a colour image, as RGB
+                im = im.convert("RGB")
             return np.array(im)
     except (OSError, SyntaxError, ValueError) as err:
         raise ValueError(f"cannot read {path} as an image: {err}") from err

@@ -383,3 +383,20 @@ def test_written_files_get_the_usual_mode(tmp_path):
     mask = os.umask(0)
     os.umask(mask)
     assert (tmp_path / "a.json").stat().st_mode & 0o777 == 0o666 & ~mask
+
+
+def test_read_image_kinds_of_png_and_jpeg(tmp_path):
+    from PIL import Image
+
+    from s2l_core.files import read_image
+
+    grey = np.add.outer(np.arange(30), np.arange(40)).astype(np.uint8) * 3
+    rgb = np.dstack([grey, 255 - grey, grey // 2])
+    Image.fromarray(grey).convert("LA").save(tmp_path / "la.png")
+    Image.fromarray(rgb).convert("CMYK").save(tmp_path / "cmyk.jpg", quality=100)
+    Image.fromarray(rgb).convert("P", palette=Image.Palette.ADAPTIVE).save(tmp_path / "p.png")
+    la = read_image(tmp_path / "la.png")
+    assert la.shape == (30, 40) and la.dtype == np.uint8 and np.array_equal(la, grey)
+    cmyk = read_image(tmp_path / "cmyk.jpg")  # as RGB, not as RGBA with K for alpha
+    assert cmyk.shape == (30, 40, 3) and np.abs(cmyk.astype(int) - rgb).max() <= 8
+    assert read_image(tmp_path / "p.png").shape == (30, 40, 3)
