@@ -17,7 +17,60 @@ import torch.nn.functional as F
 
 from s2l_core.scribbles import UNLABELLED
 
-__all__ = ["AugmentConfig", "normalize_image", "random_crops"]
+__all__ = ["MAX_CHANNELS", "AugmentConfig", "normalize_image", "random_crops", "select_channel"]
+
+
+#: Most channels an axis may have to be taken for the channel axis by :func:`select_channel`.
+MAX_CHANNELS = 8
+
+
+def select_channel(image: np.ndarray, channel: int | None) -> np.ndarray:
+    """One channel of a multi-channel image, e.g. the nuclear stain of a 2-channel TIFF.
+
+    Parameters
+    ----------
+    image : numpy.ndarray
+        ``(H, W, C)`` (channels last, as RGB) or ``(C, H, W)`` (channels first, as many
+        microscopy TIFFs); the channel axis is the last one if it has at most
+        :data:`MAX_CHANNELS` entries, else the first. A 2-D image is its own channel 0.
+    channel : int or None
+        Which channel (0-based); ``None`` returns ``image`` as it is.
+
+    Returns
+    -------
+    numpy.ndarray
+        ``(H, W)``, same dtype.
+
+    Raises
+    ------
+    ValueError
+        If ``channel`` is not a non-negative integer, the image has no such channel, or
+        neither its first nor its last axis looks like a channel axis.
+    """
+    image = np.asarray(image)
+    if channel is None:
+        return image
+    if isinstance(channel, bool) or not isinstance(channel, (int, np.integer)) or channel < 0:
+        raise ValueError(f"channel must be a non-negative integer, got {channel!r}")
+    if image.ndim == 2:
+        if channel != 0:
+            raise ValueError(f"channel {channel} asked of a one-channel image {image.shape}")
+        return image
+    if image.ndim == 3 and image.shape[2] <= MAX_CHANNELS:
+        axis = 2
+    elif image.ndim == 3 and image.shape[0] <= MAX_CHANNELS:
+        axis = 0
+    else:
+        raise ValueError(
+            f"cannot tell the channel axis of an image of shape {image.shape}: expected "
+            f"(H, W, C) or (C, H, W) with C <= {MAX_CHANNELS}"
+        )
+    if channel >= image.shape[axis]:
+        raise ValueError(
+            f"channel {channel} asked of an image with {image.shape[axis]} channels "
+            f"(shape {image.shape}; channels are numbered from 0)"
+        )
+    return np.take(image, channel, axis=axis)
 
 
 def normalize_image(image: np.ndarray, low: float = 1.0, high: float = 99.8) -> np.ndarray:
@@ -56,8 +109,9 @@ def normalize_image(image: np.ndarray, low: float = 1.0, high: float = 99.8) -> 
     if image.ndim != 3 or image.shape[2] != 3:
         raise ValueError(
             f"expected an image of shape (H, W), (H, W, 1), (H, W, 3) or (H, W, 4), "
-            f"got {image.shape}; for an image with other channels (or a stack), save the "
-            f"nuclear channel (or each plane) as an image of its own"
+            f"got {image.shape}; for an image with other channels choose the nuclear one "
+            f"(select_channel, or --channel on the command line); save a stack's planes "
+            f"as images of their own"
         )
     if image.dtype == bool or not (
         np.issubdtype(image.dtype, np.integer) or np.issubdtype(image.dtype, np.floating)

@@ -66,10 +66,13 @@ def _train(args: argparse.Namespace) -> int:
         if not args.scribbles:
             raise ValueError("--images needs --scribbles (a folder of scribble images)")
         samples = train.load_folder_samples(
-            args.images, args.scribbles, scribble_format=args.scribble_format
-        )
+            args.images, args.scribbles, scribble_format=args.scribble_format,
+            channel=args.channel,
+        )  # fmt: skip
         val = []
     else:
+        if args.channel is not None:
+            raise ValueError("--channel applies to your own images (--images)")
         dataset = data.prepare_dataset(args.source, args.cache_dir, progress=not args.quiet)
         scribble_set = scribbles.prepare_scribbles(
             dataset, [args.ratio], seed=args.scribble_seed, progress=not args.quiet
@@ -90,7 +93,10 @@ def _train(args: argparse.Namespace) -> int:
     else:
         trainer = train.Trainer(samples, config, val=val, device=args.device)
     history = trainer.fit(args.epochs, checkpoint=state_path, progress=not args.quiet)
-    trainer.export(out, extra={"baseline": args.baseline, "profile": args.profile})
+    extra = {"baseline": args.baseline, "profile": args.profile}
+    if args.channel is not None:
+        extra["channel"] = args.channel  # s2l predict takes the same channel by default
+    trainer.export(out, extra=extra)
     history_path = out.with_name(out.stem + ".history.csv")
     history.to_csv(history_path, index=False)
     print(f"model: {out}\ntraining state: {state_path}\nhistory: {history_path}")
@@ -113,6 +119,7 @@ def _predict(args: argparse.Namespace) -> int:
         overwrite=args.overwrite,
         save_probability=args.probability,
         progress=not args.quiet,
+        channel=args.channel,
     )
     print(f"wrote {len(written)} label images to {args.output_dir}")
     return 0
@@ -176,6 +183,10 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--images", help="folder of your own images")
     tr.add_argument("--scribbles", help="folder of their scribbles (same file names)")
     tr.add_argument("--scribble-format", default="s2l", choices=["s2l", "napari"])
+    tr.add_argument(
+        "--channel", type=int,
+        help="with --images: the channel (from 0) of multi-channel images to train on",
+    )  # fmt: skip
     tr.add_argument("--source", help="stage1_train.zip URL or path (see s2l prepare)")
     tr.add_argument("--cache-dir", help="cache folder (see s2l prepare)")
     tr.add_argument("--scribble-seed", type=int, default=0)
@@ -205,7 +216,8 @@ def build_parser() -> argparse.ArgumentParser:
         "predict",
         help="label a folder of images with a checkpoint",
         description=(
-            "Predict every image (PNG, TIFF, JPEG; grey, RGB, RGBA; 8/16-bit; any size) of "
+            "Predict every image (PNG, TIFF, JPEG; grey, RGB, RGBA or one channel of a "
+            "multi-channel image; 8/16-bit; any size) of "
             "INPUT_DIR into OUTPUT_DIR with the same file names: instance labels (uint16) "
             "or a 0/1 mask. OUTPUT_DIR appears only when every image is done."
         ),
@@ -219,6 +231,10 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--min-size", type=int, default=16, help="smallest object kept (pixels)")
     pr.add_argument("--format", choices=[".tif", ".png"], help="output format")
     pr.add_argument("--probability", action="store_true", help="also write *_prob.tif")
+    pr.add_argument(
+        "--channel", type=int,
+        help="the channel (from 0) of multi-channel images (default: the checkpoint's)",
+    )  # fmt: skip
     pr.add_argument("--device", default="auto")
     pr.add_argument("--overwrite", action="store_true")
     pr.add_argument("--quiet", action="store_true")

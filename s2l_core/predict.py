@@ -21,7 +21,7 @@ from skimage.morphology import h_maxima
 from skimage.segmentation import relabel_sequential, watershed
 from tqdm.auto import tqdm
 
-from s2l_core.augment import normalize_image
+from s2l_core.augment import normalize_image, select_channel
 from s2l_core.files import IMAGE_SUFFIXES, atomic_dir, read_image, write_image, write_json
 from s2l_core.infer import predict_foreground
 from s2l_core.model import from_config
@@ -151,6 +151,7 @@ def predict_image(
     instances: str | None = "watershed",
     min_size: int = 16,
     tile: int = 1024,
+    channel: int | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Predict one raw image: foreground probability and labels.
 
@@ -171,6 +172,8 @@ def predict_image(
         Smallest object kept (pixels).
     tile : int, optional
         Tile side for large images.
+    channel : int, optional
+        Take this channel of a multi-channel image (:func:`s2l_core.augment.select_channel`).
 
     Returns
     -------
@@ -179,6 +182,7 @@ def predict_image(
     labels : numpy.ndarray
         ``(H, W)`` ``uint16`` instance labels, or ``uint8`` 0/1 when ``instances=None``.
     """
+    image = select_channel(image, channel)
     prob = predict_foreground(model, normalize_image(image), device=device, tile=tile)
     if instances is None:
         return prob, (prob > threshold).astype(np.uint8)
@@ -256,6 +260,7 @@ def predict_folder(
     overwrite: bool = False,
     save_probability: bool = False,
     progress: bool = True,
+    channel: int | None = None,
 ) -> list[Path]:
     """Predict every image of a folder into label images with the same names.
 
@@ -280,6 +285,9 @@ def predict_folder(
         Also write ``<name>_prob.tif`` (``float32``).
     progress : bool, optional
         Show a progress bar.
+    channel : int, optional
+        Take this channel of multi-channel images; default: the channel the checkpoint
+        was trained on (``s2l train --channel``), if any.
 
     Returns
     -------
@@ -298,8 +306,10 @@ def predict_folder(
     output_dir = Path(output_dir)
     if output_dir.exists() and any(output_dir.iterdir()) and not overwrite:
         raise ValueError(f"output folder {output_dir} is not empty (pass overwrite=True)")
-    model, _ = load_model(checkpoint, device)
+    model, state = load_model(checkpoint, device)
     device = next(model.parameters()).device
+    if channel is None:
+        channel = (state.get("extra") or {}).get("channel")
     written = []
     with atomic_dir(output_dir) as tmp:
         for path in tqdm(files, desc="predict", disable=not progress):
@@ -312,6 +322,7 @@ def predict_folder(
                     threshold=threshold,
                     instances=method if mode == "instance" else None,
                     min_size=min_size,
+                    channel=channel,
                 )
             except ValueError as err:  # an image of an unsupported kind: say which
                 raise ValueError(f"{path}: {err}") from err
@@ -331,6 +342,7 @@ def predict_folder(
                 "method": method if mode == "instance" else None,
                 "threshold": threshold,
                 "min_size": min_size,
+                "channel": channel,
                 "images": [p.name for p in files],
                 "outputs": [p.name for p in written],
             },

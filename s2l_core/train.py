@@ -35,7 +35,7 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from s2l_core.augment import AugmentConfig, normalize_image, random_crops
+from s2l_core.augment import AugmentConfig, normalize_image, random_crops, select_channel
 from s2l_core.files import atomic_path
 from s2l_core.infer import autocast_context, predict_foreground
 from s2l_core.losses import affinity_loss, scribble2label_loss
@@ -154,6 +154,7 @@ def load_folder_samples(
     scribbles_dir: str | os.PathLike,
     *,
     scribble_format: str = "s2l",
+    channel: int | None = None,
 ) -> list[TrainSample]:
     """Load a user's images with their scribbles (same file stem) as training samples.
 
@@ -167,6 +168,9 @@ def load_folder_samples(
     scribble_format : {"s2l", "napari"}, optional
         ``"s2l"``: 0 background, 1 foreground, 250 unlabelled; ``"napari"``: napari or
         ilastik labels, 0 unlabelled, 1 background, 2 foreground.
+    channel : int, optional
+        Take this channel of multi-channel images
+        (:func:`s2l_core.augment.select_channel`), e.g. the nuclear stain.
 
     Returns
     -------
@@ -198,7 +202,7 @@ def load_folder_samples(
         image = read_image(path)
         raw = read_image(found[0])
         try:
-            x = normalize_image(image)  # first: an unsupported image is the error to report
+            x = normalize_image(select_channel(image, channel))  # first: the image's kind
             scribble = from_napari(raw, x.shape[1:]) if scribble_format == "napari" else raw
             samples.append(TrainSample(path.stem, x, validate_scribble(scribble, x.shape[1:])))
         except ValueError as err:  # the image's kind or the scribbles: name both files

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from s2l_core.augment import AugmentConfig, normalize_image, random_crops
+from s2l_core.augment import AugmentConfig, normalize_image, random_crops, select_channel
 from s2l_core.infer import predict_foreground
 from s2l_core.model import UNet
 from s2l_core.scribbles import UNLABELLED
@@ -28,6 +28,28 @@ def test_normalize_kinds_of_image():
         normalize_image(np.zeros((4, 4, 2)))
     with pytest.raises(ValueError, match="the image is empty"):
         normalize_image(np.zeros((0, 7), np.uint8))
+
+
+def test_select_channel_last_first_and_errors():
+    a, b = np.zeros((20, 30), np.uint16), np.arange(600, dtype=np.uint16).reshape(20, 30)
+    last, first = np.dstack([a, b]), np.stack([a, b])  # (20, 30, 2) and (2, 20, 30)
+    assert np.array_equal(select_channel(last, 1), b)
+    assert np.array_equal(select_channel(first, 1), b)
+    assert np.array_equal(select_channel(first, 0), a)
+    assert select_channel(b, 0) is not None and np.array_equal(select_channel(b, 0), b)
+    assert select_channel(last, None) is last  # no channel: the image as it is
+    rgb = np.dstack([a, b, a + 1])
+    assert np.array_equal(select_channel(rgb, 2), a + 1)  # RGB is channels-last too
+    for image, channel, message in [
+        (first, 2, "channel 2 asked of an image with 2 channels"),
+        (b, 1, "channel 1 asked of a one-channel image"),
+        (first, -1, "non-negative integer"),
+        (first, True, "non-negative integer"),
+        (first, 1.0, "non-negative integer"),
+        (np.zeros((20, 30, 40)), 0, "cannot tell the channel axis"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            select_channel(image, channel)
 
 
 def test_normalize_sets_nan_and_infinite_pixels_to_background():

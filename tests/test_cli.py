@@ -7,7 +7,7 @@ import tifffile
 from conftest import synthetic_nuclei
 
 from s2l_core.cli import main
-from s2l_core.files import read_image, write_image
+from s2l_core.files import read_image, read_json, write_image
 from s2l_core.predict import load_model
 from s2l_core.scribbles import synthesize_scribbles, to_napari
 
@@ -63,6 +63,36 @@ def test_cli_train_and_predict_own_images(tmp_path, capsys):
     assert read_image(labels_dir / "cells_2.tif").shape == (80, 100)
 
 
+def test_cli_trains_and_predicts_one_channel_of_two(tmp_path, capsys):
+    # Two-channel TIFFs, channels first as many microscopes write them: a useless
+    # channel 0 (noise) and the nuclei in channel 1.
+    images, scribbles = _own_images(tmp_path)
+    two = tmp_path / "two"
+    two.mkdir()
+    rng = np.random.default_rng(0)
+    for path in sorted(images.glob("*.tif")):
+        nuclei = read_image(path)
+        noise = rng.integers(0, 60000, nuclei.shape).astype(np.uint16)
+        tifffile.imwrite(two / path.name, np.stack([noise, nuclei]))
+    out = tmp_path / "two.pt"
+    args = ["train", "--images", str(two), "--scribbles", str(scribbles), "--channel", "1"]
+    args += ["--scribble-format", "napari", "--profile", "smoke", "--out", str(out)]
+    assert main([*args, "--epochs", "1", "--device", "cpu", "--quiet"]) == 0
+    assert load_model(out)[1]["extra"]["channel"] == 1
+    # Predicting takes the checkpoint's channel unless told otherwise.
+    labels_dir = tmp_path / "labels"
+    assert main(["predict", str(out), str(two), str(labels_dir), "--quiet", "--device", "cpu"]) == 0
+    assert read_json(labels_dir / "s2l_predict.json")["channel"] == 1
+    assert read_image(labels_dir / "cells_0.tif").shape == (80, 100)
+    status = main(["predict", str(out), str(two), str(tmp_path / "x"), "--channel", "2"])
+    err = capsys.readouterr().err
+    assert status == 2 and "cells_0.tif: channel 2 asked of an image with 2 channels" in err
+    assert not (tmp_path / "x").exists()
+    # The dataset's images are RGB: --channel is for one's own images.
+    status = main(["train", "--channel", "0", "--out", str(tmp_path / "y.pt")])
+    assert status == 2 and "--channel applies to your own images" in capsys.readouterr().err
+
+
 def test_cli_errors_are_reported(tmp_path, capsys):
     images, scribbles = _own_images(tmp_path)
     status = main(["predict", str(tmp_path / "none.pt"), str(images), str(tmp_path / "o")])
@@ -80,4 +110,4 @@ def test_cli_errors_are_reported(tmp_path, capsys):
     args = ["train", "--images", str(images), "--scribbles", str(scribbles)]
     status = main([*args, "--scribble-format", "napari", "--out", "x.pt"])
     err = capsys.readouterr().err
-    assert status == 2 and "cells_0.tif (scribbles cells_0.png)" in err and "nuclear channel" in err
+    assert status == 2 and "cells_0.tif (scribbles cells_0.png)" in err and "--channel" in err

@@ -276,7 +276,7 @@ def test_predict_folder_errors_leave_no_partial_output(tiny_checkpoint, tmp_path
     # A readable image of a kind the network does not take (two channels, first): named.
     (src / "b.png").unlink()
     tifffile.imwrite(src / "c.tif", np.zeros((2, 40, 40), np.uint16))
-    with pytest.raises(ValueError, match=r"c\.tif: expected an image of shape .* nuclear channel"):
+    with pytest.raises(ValueError, match=r"c\.tif: expected an image of shape .* --channel"):
         predict_folder(tiny_checkpoint, src, tmp_path / "out3", progress=False, device="cpu")
     assert not (tmp_path / "out3").exists()
 
