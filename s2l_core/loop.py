@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from s2l_core.augment import normalize_image
+from s2l_core.augment import normalize_image, select_channel
 from s2l_core.files import IMAGE_SUFFIXES, read_image
 from s2l_core.infer import predict_foreground
 from s2l_core.predict import foreground_to_instances, save_labels, uncertainty
@@ -73,6 +73,9 @@ class AnnotationLoop:
         A checkpoint to start the first round from (e.g. the book's reference model).
     device : str, optional
         ``"auto"``, ``"cpu"`` or ``"cuda"``.
+    channel : int, optional
+        Work on this channel of multi-channel images
+        (:func:`s2l_core.augment.select_channel`), e.g. the nuclear stain.
     """
 
     def __init__(
@@ -83,15 +86,20 @@ class AnnotationLoop:
         config: TrainConfig | None = None,
         start_from: str | os.PathLike | None = None,
         device: str = "auto",
+        channel: int | None = None,
     ) -> None:
         if isinstance(images, Mapping):
-            self.images = {str(k): np.asarray(v) for k, v in images.items()}
+            images = {str(k): np.asarray(v) for k, v in images.items()}
         else:
             folder = Path(images)
             if not folder.is_dir():
                 raise FileNotFoundError(f"image folder not found: {folder}")
             files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-            self.images = {p.stem: read_image(p) for p in files}
+            images = {p.stem: read_image(p) for p in files}
+        try:
+            self.images = {k: select_channel(v, channel) for k, v in images.items()}
+        except ValueError as err:
+            raise ValueError(f"channel {channel}: {err}") from err
         if not self.images:
             raise ValueError("no images to annotate")
         self.normalized = {k: normalize_image(v) for k, v in self.images.items()}

@@ -38,6 +38,7 @@ import traitlets
 from matplotlib.colors import to_rgb
 from PIL import Image
 
+from s2l_core.augment import select_channel
 from s2l_core.files import IMAGE_SUFFIXES, read_image, write_image
 from s2l_core.plots import BG_COLOUR, FG_COLOUR
 from s2l_core.predict import uncertainty as uncertainty_map
@@ -834,6 +835,9 @@ class ScribbleSession:
         Where the scribble PNGs are kept (created if missing).
     start : int, optional
         Index of the first image shown.
+    channel : int, optional
+        Show and annotate this channel of multi-channel images
+        (:func:`s2l_core.augment.select_channel`), e.g. the nuclear stain.
     **widget_kwargs
         Passed to :class:`ScribbleWidget` (``brush_size``, ``display_size``, ...).
 
@@ -850,9 +854,11 @@ class ScribbleSession:
         scribbles_dir: str | os.PathLike,
         *,
         start: int = 0,
+        channel: int | None = None,
         **widget_kwargs: Any,
     ):
         self.images = _image_list(images)
+        self.channel = channel
         self.scribbles_dir = Path(scribbles_dir)
         self.scribbles_dir.mkdir(parents=True, exist_ok=True)
         self.last_error: Exception | None = None
@@ -891,7 +897,7 @@ class ScribbleSession:
     def _read(self, index: int) -> tuple[np.ndarray, np.ndarray | None]:
         path = self.images[index]
         try:
-            image = read_image(path)
+            image = select_channel(read_image(path), self.channel)
         except (OSError, ValueError) as err:
             raise ValueError(f"cannot open image {path}: {err}") from err
         shape = _image_shape(image, path)
@@ -1028,7 +1034,9 @@ class ScribbleSession:
                 continue
             try:
                 labels = read_image(found[0])
-                shape = _image_shape(read_image(image_path), image_path)
+                shape = _image_shape(
+                    select_channel(read_image(image_path), self.channel), image_path
+                )
                 converted.append((index, from_napari(labels, shape)))
             except (OSError, ValueError) as err:
                 raise ValueError(f"cannot import {found[0]} for {image_path.name}: {err}") from err

@@ -49,6 +49,17 @@ def test_two_rounds_keep_their_scribbles_and_continue(tmp_path):
     assert read_image(written[0]).shape == (80, 96)
 
 
+def test_loop_works_on_one_channel_of_multichannel_images(tmp_path):
+    rgb, _ = synthetic_nuclei(0, (64, 80))
+    two = np.stack([np.zeros((64, 80), np.uint8), rgb[..., 0]])  # channels first
+    loop = AnnotationLoop({"a": two}, tmp_path, config=SMALL, device="cpu", channel=1)
+    assert np.array_equal(loop.images["a"], rgb[..., 0])
+    assert loop.normalized["a"].shape == (3, 64, 80)
+    assert loop.blank_scribbles()["a"].shape == (64, 80)
+    with pytest.raises(ValueError, match="channel 2: channel 2 asked of an image with 2"):
+        AnnotationLoop({"a": two}, tmp_path, config=SMALL, channel=2)
+
+
 def test_loop_errors(tmp_path):
     image, _ = synthetic_nuclei(0, (64, 64))
     loop = AnnotationLoop({"a": image}, tmp_path, config=SMALL, device="cpu")

@@ -481,6 +481,21 @@ def test_session_steps_through_the_folder(folder):
     assert ScribbleSession(images, scribbles, start=2).path.name == "c.png"
 
 
+def test_session_shows_one_channel_of_multichannel_images(tmp_path):
+    import tifffile
+
+    images = tmp_path / "images"
+    images.mkdir()
+    nuclei = grey(seed=3)
+    tifffile.imwrite(images / "two.tif", np.stack([np.zeros_like(nuclei), nuclei]))
+    session = ScribbleSession(images, tmp_path / "scribbles", channel=1)
+    assert np.array_equal(session.widget.image, nuclei) and session.widget.shape == SHAPE
+    with pytest.raises(ValueError, match=r"two\.tif: channel 2 asked of an image with 2"):
+        ScribbleSession(images, tmp_path / "scribbles", channel=2)
+    with pytest.raises(ValueError, match="is not a grey or colour image"):
+        ScribbleSession(images, tmp_path / "scribbles")  # two channels, none chosen
+
+
 def test_session_saves_every_stroke_and_loads_it_back(folder):
     images, scribbles = folder
     session = ScribbleSession(images, scribbles)
