@@ -96,10 +96,12 @@ class AnnotationLoop:
                 raise FileNotFoundError(f"image folder not found: {folder}")
             files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
             images = {p.stem: read_image(p) for p in files}
-        try:
-            self.images = {k: select_channel(v, channel) for k, v in images.items()}
-        except ValueError as err:
-            raise ValueError(f"channel {channel}: {err}") from err
+        self.images = {}
+        for name, image in images.items():
+            try:
+                self.images[name] = select_channel(image, channel)
+            except ValueError as err:
+                raise ValueError(f"image {name!r}: {err}") from err
         if not self.images:
             raise ValueError("no images to annotate")
         self.normalized = {k: normalize_image(v) for k, v in self.images.items()}

@@ -56,7 +56,7 @@ def test_loop_works_on_one_channel_of_multichannel_images(tmp_path):
     assert np.array_equal(loop.images["a"], rgb[..., 0])
     assert loop.normalized["a"].shape == (3, 64, 80)
     assert loop.blank_scribbles()["a"].shape == (64, 80)
-    with pytest.raises(ValueError, match="channel 2: channel 2 asked of an image with 2"):
+    with pytest.raises(ValueError, match="image 'a': channel 2 asked of an image with 2"):
         AnnotationLoop({"a": two}, tmp_path, config=SMALL, channel=2)
 
 
