@@ -202,9 +202,11 @@ def load_folder_samples(
         image = read_image(path)
         raw = read_image(found[0])
         try:
-            x = normalize_image(select_channel(image, channel))  # first: the image's kind
-            scribble = from_napari(raw, x.shape[1:]) if scribble_format == "napari" else raw
-            samples.append(TrainSample(path.stem, x, validate_scribble(scribble, x.shape[1:])))
+            # from_arrays checks the image's kind before the scribbles' shape.
+            scribble = from_napari(raw) if scribble_format == "napari" else raw
+            samples.append(
+                TrainSample.from_arrays(path.stem, select_channel(image, channel), scribble)
+            )
         except ValueError as err:  # the image's kind or the scribbles: name both files
             raise ValueError(f"{path} (scribbles {found[0].name}): {err}") from err
     if not samples:
