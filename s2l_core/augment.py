@@ -206,6 +206,11 @@ class AugmentConfig:
                 f"gamma must be a range (low, high) with 0 < low <= high, got {self.gamma!r}"
             )
         object.__setattr__(self, "gamma", gamma)
+        for name in ("p_zoom", "p_rotate", "p_intensity", "p_illumination", "p_gamma"):
+            value = getattr(self, name)
+            number = isinstance(value, (int, float)) and not isinstance(value, bool)
+            if not (number and 0 <= value <= 1):
+                raise ValueError(f"{name} is a probability and must lie in [0, 1], got {value!r}")
 
     def to_dict(self) -> dict:
         """Plain-type dict (for checkpoints)."""

@@ -217,3 +217,12 @@ def test_tiled_prediction_matches_whole():
     whole = predict_foreground(model, image, tile=4096)
     tiled = predict_foreground(model, image, tile=96, overlap=32)
     assert np.abs(whole - tiled).max() < 1e-3
+
+
+@pytest.mark.parametrize("name", ["p_zoom", "p_rotate", "p_intensity", "p_illumination", "p_gamma"])
+@pytest.mark.parametrize("bad", [-0.1, 1.5, float("nan"), True, "0.5"])
+def test_probabilities_outside_0_1_are_refused_by_name(name, bad):
+    with pytest.raises(ValueError, match=f"{name} is a probability"):
+        AugmentConfig(**{name: bad})
+    assert getattr(AugmentConfig(**{name: 0}), name) == 0  # the ends are allowed
+    assert getattr(AugmentConfig(**{name: 1.0}), name) == 1.0
