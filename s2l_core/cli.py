@@ -54,7 +54,7 @@ def _train(args: argparse.Namespace) -> int:
     overrides = {}
     for name in (
         "epochs", "batch_size", "samples_per_epoch", "seed", "select", "affinity",
-        "affinity_sigma",
+        "affinity_sigma", "dice",
     ):  # fmt: skip
         value = getattr(args, name)
         if value is not None:
@@ -206,6 +206,11 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument(
         "--affinity-sigma", type=float,
         help="its intensity scale (default 0.1; 0.05 was measured on fluorescence)",
+    )  # fmt: skip
+    tr.add_argument(
+        "--dice", type=float,
+        help="weight of a soft Dice term on scribbles and pseudo-labels (an extension; "
+        "0 = off, the default; 0.5 was measured on fluorescence)",
     )  # fmt: skip
     tr.add_argument("--device", default="auto", help="auto, cpu or cuda")
     tr.add_argument("--resume", action="store_true", help="continue from OUT.state.pt")

@@ -38,7 +38,7 @@ from tqdm.auto import tqdm
 from s2l_core.augment import AugmentConfig, normalize_image, random_crops, select_channel
 from s2l_core.files import atomic_path
 from s2l_core.infer import autocast_context, predict_foreground
-from s2l_core.losses import affinity_loss, scribble2label_loss
+from s2l_core.losses import affinity_loss, dice_loss, pseudo_label_targets, scribble2label_loss
 from s2l_core.metrics import foreground_iou
 from s2l_core.model import from_config, parameter_groups
 from s2l_core.pseudo import EMAStore, ema_due, pseudo_label_accuracy
@@ -248,6 +248,9 @@ class TrainConfig:
         Weight of the local affinity regulariser
         (:func:`s2l_core.losses.affinity_loss`, an extension, not in the original; ``0``
         is off) and its intensity scale.
+    dice : float
+        Weight of a soft Dice term on the labelled pixels, scribbles and pseudo-labels
+        together (:func:`s2l_core.losses.dice_loss`, an extension; ``0`` is off).
     optimizer : {"radam", "adamw"}
         RAdam (the original's; its variance rectification warms the step size up over
         the first few hundred iterations) or AdamW (faster start for short budgets).
@@ -288,6 +291,7 @@ class TrainConfig:
     use_pseudo: bool = True
     affinity: float = 0.0
     affinity_sigma: float = 0.1
+    dice: float = 0.0
     optimizer: str = "radam"
     lr_encoder: float = 3e-4
     lr_decoder: float = 3e-3
@@ -314,6 +318,8 @@ class TrainConfig:
                 f"affinity must be finite and >= 0 and affinity_sigma > 0, got "
                 f"{self.affinity} and {self.affinity_sigma}"
             )
+        if not (math.isfinite(self.dice) and self.dice >= 0):
+            raise ValueError(f"dice must be finite and >= 0, got {self.dice}")
         if self.epochs < 0 or self.batch_size < 1:
             raise ValueError("epochs must be >= 0 and batch_size >= 1")
         if isinstance(self.augment, dict):
@@ -469,13 +475,27 @@ class Trainer:
         """EMA passes done so far."""
         return min((self.ema.n_updates(i) for i in self.ema.ids), default=0)
 
+    def _dice_targets(
+        self,
+        scribble: torch.Tensor,
+        ema: torch.Tensor | None,
+        valid: torch.Tensor,
+        use_pseudo: bool,
+    ) -> torch.Tensor:
+        """Scribbles, and confident pseudo-labels once they are active: the Dice targets."""
+        target = torch.where(valid, scribble.long(), UNLABELLED)
+        if use_pseudo and ema is not None:
+            pseudo = pseudo_label_targets(ema, target, tau=self.config.tau, valid=valid)
+            target = torch.where(target == UNLABELLED, pseudo, target)
+        return target
+
     def train_epoch(self, progress: bool = False) -> dict:
         """Train one epoch; return its averages."""
         c = self.config
         self.model.train()
         use_pseudo = self.pseudo_active()
         order = self._epoch_order()
-        sums = {"loss": 0.0, "pce": 0.0, "pseudo": 0.0, "affinity": 0.0, "pseudo_fraction": 0.0}
+        sums = dict.fromkeys(("loss", "pce", "pseudo", "affinity", "dice", "pseudo_fraction"), 0.0)
         n_batches = 0
         start = time.perf_counter()
         batches = range(0, len(order), c.batch_size)
@@ -505,6 +525,10 @@ class Trainer:
                 smooth = affinity_loss(logits, x, valid, sigma_intensity=c.affinity_sigma)
                 loss = loss + c.affinity * smooth
                 sums["affinity"] += float(smooth.detach())
+            if c.dice > 0:
+                overlap = dice_loss(logits, self._dice_targets(scribble, ema, valid, use_pseudo))
+                loss = loss + c.dice * overlap
+                sums["dice"] += float(overlap.detach())
             self.optimizer.zero_grad(set_to_none=True)
             self.scaler.scale(loss).backward()
             self.scaler.step(self.optimizer)

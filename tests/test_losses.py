@@ -10,6 +10,7 @@ import torch
 from s2l_core.losses import (
     LossParts,
     affinity_loss,
+    dice_loss,
     partial_cross_entropy,
     pseudo_label_cross_entropy,
     pseudo_label_targets,
@@ -455,3 +456,49 @@ def test_affinity_errors(kwargs, exc, match) -> None:
     args = {"image": torch.zeros(1, 3, 4, 4)} | kwargs
     with pytest.raises(exc, match=match):
         affinity_loss(torch.zeros(1, 2, 4, 4), **args)
+
+
+# --------------------------------------------------------------------------- dice
+
+
+def test_dice_hand_computed() -> None:
+    # Foreground probabilities 0.5 (logit 0) and sigmoid(2); targets 1, 0, 1, unlabelled.
+    q = 1 / (1 + math.exp(-2.0))
+    logits = _fg_logits([[0.0, 2.0, 2.0, 50.0]])
+    targets = torch.tensor([[[1, 0, 1, UNLABELLED]]])
+    inter = 0.5 + q
+    expected = 1 - (2 * inter + 1) / ((0.5 + q + q) + 2 + 1)
+    loss = dice_loss(logits, targets)
+    assert loss.dtype == torch.float32
+    assert loss.item() == pytest.approx(expected, rel=1e-6)
+    loss.backward()
+    assert logits.grad[0, :, 0, 3].abs().max() == 0  # the unlabelled pixel gets no gradient
+
+
+def test_dice_perfect_prediction_and_weighting_by_foreground_size() -> None:
+    targets = torch.tensor([[[1, 1, 0, 0]]])
+    assert dice_loss(_fg_logits([[30.0, 30.0, -30.0, -30.0]]), targets).item() < 1e-6
+    # one false-positive pixel costs more when the foreground is small
+    sparse = torch.tensor([[[1, 0, 0, 0, 0, 0, 0, 0]]])
+    crowded = torch.tensor([[[1, 1, 1, 1, 1, 1, 1, 0]]])
+    sparse_logits = _fg_logits([[30.0, 30.0] + [-30.0] * 6])
+    crowded_logits = _fg_logits([[30.0] * 8])
+    assert dice_loss(sparse_logits, sparse).item() > 2 * dice_loss(crowded_logits, crowded).item()
+
+
+def test_dice_empty_and_autocast() -> None:
+    logits = _fg_logits([[1.0, -1.0]])
+    none = dice_loss(logits, torch.full((1, 1, 2), UNLABELLED))
+    assert none.item() == 0.0
+    none.backward()
+    assert logits.grad.abs().max() == 0
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = dice_loss(logits.detach().bfloat16(), torch.tensor([[[1, 0]]]))
+    assert loss.dtype == torch.float32
+
+
+def test_dice_errors() -> None:
+    with pytest.raises(ValueError, match="targets"):
+        dice_loss(torch.zeros(1, 2, 2, 2), torch.full((1, 2, 2), 7))
+    with pytest.raises(ValueError, match="logits"):
+        dice_loss(torch.zeros(1, 3, 2, 2), torch.zeros(1, 2, 2, dtype=torch.long))

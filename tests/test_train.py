@@ -93,6 +93,34 @@ def test_affinity_term_is_logged_and_changes_training(synthetic_samples):
             TrainConfig(**bad)
 
 
+def test_dice_term_is_logged_and_changes_training(synthetic_samples):
+    train = synthetic_samples(2)
+    plain = _trainer(train, epochs=2)
+    plain.fit(progress=False)
+    overlap = _trainer(train, epochs=2, dice=1.0)
+    history = overlap.fit(progress=False)
+    assert (plain.history_frame()["dice"] == 0).all()
+    assert (history["dice"] > 0).all() and (history["dice"] < 1).all()
+    a, b = plain.model.state_dict(), overlap.model.state_dict()
+    assert not all(torch.equal(a[k], b[k]) for k in a)
+    for bad in ({"dice": -0.5}, {"dice": float("inf")}):
+        with pytest.raises(ValueError, match="dice"):
+            TrainConfig(**bad)
+
+
+def test_dice_targets_are_scribbles_then_confident_pseudo_labels(synthetic_samples):
+    trainer = _trainer(synthetic_samples(1), epochs=1, dice=1.0, tau=0.8)
+    scribble = torch.tensor([[[1, 0, 250, 250, 250, 1]]])
+    ema = torch.tensor([[[0.0, 1.0, 0.9, 0.1, 0.5, 0.0]]])
+    valid = torch.tensor([[[True, True, True, True, True, False]]])
+    merged = trainer._dice_targets(scribble, ema, valid, use_pseudo=True)
+    # scribbles win over the EMA; unscribbled pixels get 1 above tau, 0 below 1 - tau,
+    # nothing in between; invalid pixels nothing at all
+    assert merged.tolist() == [[[1, 0, 1, 0, 250, 250]]]
+    warmup = trainer._dice_targets(scribble, None, valid, use_pseudo=False)
+    assert warmup.tolist() == [[[1, 0, 250, 250, 250, 250]]]
+
+
 def test_frozen_head_reproduces_the_original_defect(synthetic_samples):
     frozen = _trainer(synthetic_samples(2), epochs=1, freeze_head=True)
     before = [p.clone() for p in frozen.model.head_parameters()]
