@@ -103,6 +103,19 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _scale(text: str) -> float | str:
+    """``--scale``: ``auto`` or a positive number."""
+    if text == "auto":
+        return text
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number or 'auto', got {text!r}") from None
+    if not (value > 0 and value < float("inf")):
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text!r}")
+    return value
+
+
 def _predict(args: argparse.Namespace) -> int:
     from s2l_core.predict import predict_folder
 
@@ -120,6 +133,7 @@ def _predict(args: argparse.Namespace) -> int:
         save_probability=args.probability,
         progress=not args.quiet,
         channel=args.channel,
+        scale=args.scale,
     )
     print(f"wrote {len(written)} label images to {args.output_dir}")
     return 0
@@ -239,6 +253,11 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument(
         "--channel", type=int,
         help="the channel (from 0) of multi-channel images (default: the checkpoint's)",
+    )  # fmt: skip
+    pr.add_argument(
+        "--scale", type=_scale, default=1.0,
+        help="magnify images by this factor for the network, or 'auto': magnify small "
+        "nuclei towards 40 pixels across, at most 2x (default 1)",
     )  # fmt: skip
     pr.add_argument("--device", default="auto")
     pr.add_argument("--overwrite", action="store_true")

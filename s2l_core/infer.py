@@ -33,6 +33,18 @@ def _forward_padded(model: torch.nn.Module, x: torch.Tensor, multiple: int) -> t
     return torch.softmax(logits.float(), dim=1)[:, 1, :h, :w]
 
 
+def _check_scale(scale: float, shape: tuple[int, ...]) -> float:
+    """``scale`` as a float; ValueError unless positive, finite and at least one pixel."""
+    if isinstance(scale, bool) or not isinstance(scale, (int, float, np.floating)):
+        raise ValueError(f"scale must be a number, got {scale!r}")
+    scale = float(scale)
+    if not (np.isfinite(scale) and scale > 0):
+        raise ValueError(f"scale must be a positive finite number, got {scale}")
+    if min(shape) * scale < 1:
+        raise ValueError(f"scale {scale} shrinks an image of shape {tuple(shape)} below a pixel")
+    return scale
+
+
 @torch.no_grad()
 def predict_foreground(
     model: torch.nn.Module,
@@ -43,12 +55,16 @@ def predict_foreground(
     overlap: int = 64,
     amp: bool = True,
     channels_last: bool = True,
+    scale: float = 1.0,
 ) -> np.ndarray:
     """Foreground probability of a whole normalised image.
 
     The image is padded by reflection to the network's size multiple and the padding is
     cut off again, so border pixels are predicted like any other. Images larger than
-    ``tile`` on a side are cut into overlapping tiles whose centres are kept.
+    ``tile`` on a side are cut into overlapping tiles whose centres are kept. With
+    ``scale`` other than 1 the image is resampled first (bilinear; antialiased when
+    shrunk) and the probability is resampled back, so the result always has the
+    image's own size.
 
     Parameters
     ----------
@@ -65,12 +81,36 @@ def predict_foreground(
         Mixed precision on CUDA.
     channels_last : bool, optional
         Channels-last memory format.
+    scale : float, optional
+        Resampling factor: the network sees the image ``scale`` times larger (nuclei
+        ``scale`` times wider). See :func:`s2l_core.predict.auto_scale`.
 
     Returns
     -------
     numpy.ndarray
         ``(H, W)`` ``float32`` foreground probability.
+
+    Raises
+    ------
+    ValueError
+        If ``scale`` is not a positive finite number, or shrinks the image below one
+        pixel.
     """
+    scale = _check_scale(scale, image.shape[-2:])
+    if scale != 1.0:
+        h, w = image.shape[-2:]
+        x = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))[None]
+        size = (max(1, round(h * scale)), max(1, round(w * scale)))
+        x = F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=scale < 1)
+        prob = predict_foreground(
+            model, x[0].numpy(), device=device, tile=tile, overlap=overlap, amp=amp,
+            channels_last=channels_last,
+        )  # fmt: skip
+        back = F.interpolate(
+            torch.from_numpy(prob)[None, None], size=(h, w), mode="bilinear",
+            align_corners=False, antialias=scale > 1,
+        )  # fmt: skip
+        return back[0, 0].numpy()
     device = torch.device(device)
     multiple = int(getattr(model, "size_multiple", 32))
     was_training = model.training

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import importlib.util
 import json
 from pathlib import Path
@@ -85,3 +86,46 @@ def test_summary_is_per_size_means():
     assert summary["by_size"]["256x256"] == pytest.approx(
         {"iou": 0.7, "ap": 0.4, "f1": 0.5, "aji": 0.3, "images": 2}
     )
+
+
+scale_bench = _load("bench_scale")
+
+
+def test_scale_arguments_are_checked():
+    assert scale_bench.parse_scale("1.5") == 1.5
+    assert scale_bench.parse_scale("auto") == "auto"
+    assert scale_bench.parse_scale("auto@30") == "auto@30"
+    for bad in ("0", "-1", "auto@0", "auto@x", "big"):
+        with pytest.raises((ValueError, argparse.ArgumentTypeError)):
+            scale_bench.parse_scale(bad)
+    assert scale_bench.parse_checkpoint("s2l=a/b.pt") == ("s2l", Path("a/b.pt"))
+    for bad in ("a/b.pt", "=a.pt", "s2l="):
+        with pytest.raises(argparse.ArgumentTypeError):
+            scale_bench.parse_checkpoint(bad)
+
+
+def test_scale_tables_are_means_per_method_scale_and_size():
+    images = [("256x256", 0.0), ("256x256", 0.2), ("512x640", 0.1)]
+    rows = []
+    for split in ("val", "test"):
+        for scale, base in (("1.0", 0.5), ("auto", 0.7)):
+            for i, (size, bump) in enumerate(images):
+                rows.append(
+                    {"image_id": f"{split}{i}", "size": size, "predict_s": 0.1, "iou": base + bump,
+                     "ap": 0.4, "f1": 0.5, "aji": 0.3, "scale_used": 1.0 if scale == "1.0" else 2.0,
+                     "method": "s2l", "split": split, "scale": scale}
+                )  # fmt: skip
+    text = scale_bench.to_markdown(pd.DataFrame(rows), "python bench_scale.py", "fluorescence")
+    assert "## val (3 images)" in text and "## test (3 images)" in text
+
+    def cells(line: str) -> list[str]:
+        return [c.strip() for c in line.strip("|").split("|")]
+
+    table = [cells(line) for line in text.splitlines() if line.startswith("| s2l")]
+    # per split: the overall rows (scale 1, auto), then the per-size rows (scale 1, auto)
+    assert len(table) == 8
+    overall_auto, sizes_auto = table[1], table[3]
+    assert float(overall_auto[2]) == pytest.approx(0.8)  # mean of 0.7, 0.9 and 0.8
+    assert float(overall_auto[-1]) == 2.0  # mean scale
+    assert [float(c) for c in sizes_auto[2:]] == pytest.approx([0.8, 0.8])
+    assert "256x256 (2)" in text and "512x640 (1)" in text

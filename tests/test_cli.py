@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
+import pytest
 import tifffile
 from conftest import synthetic_nuclei
 
@@ -61,6 +64,14 @@ def test_cli_train_and_predict_own_images(tmp_path, capsys):
     names = sorted(p.name for p in labels_dir.glob("cells_*"))
     assert names == ["cells_0.tif", "cells_1.tif", "cells_2.tif"]
     assert read_image(labels_dir / "cells_2.tif").shape == (80, 100)
+    scaled = tmp_path / "scaled"
+    assert main(["predict", str(out), str(images), str(scaled), "--quiet", "--scale", "1.5"]) == 0
+    assert read_image(scaled / "cells_2.tif").shape == (80, 100)
+    assert json.loads((scaled / "s2l_predict.json").read_text())["scale"] == 1.5
+    for bad in ("0", "-2", "big", "inf"):
+        with pytest.raises(SystemExit):
+            main(["predict", str(out), str(images), str(tmp_path / "x"), "--scale", bad])
+    assert "--scale" in capsys.readouterr().err
 
 
 def test_cli_trains_and_predicts_one_channel_of_two(tmp_path, capsys):

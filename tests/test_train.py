@@ -284,6 +284,11 @@ def test_predict_folder_of_mixed_images(tiny_checkpoint, tmp_path):
         tiny_checkpoint, src, tmp_path / "sem", mode="semantic", progress=False, device="cpu"
     )
     assert set(np.unique(read_image(semantic[0]))) <= {0, 1}
+    magnified = predict_folder(
+        tiny_checkpoint, src, tmp_path / "auto", scale="auto", progress=False, device="cpu"
+    )
+    assert all(read_image(p).shape == (70, 90) for p in magnified)
+    assert read_json(tmp_path / "auto" / "s2l_predict.json")["scale"] == "auto"
 
 
 def test_predict_folder_errors_leave_no_partial_output(tiny_checkpoint, tmp_path):

@@ -1,0 +1,166 @@
+"""Benchmark: predict at other scales: trained checkpoints scored at each inference scale.
+
+Scores checkpoints on the validation and test splits with the image magnified for the
+network by fixed factors, by ``auto`` (:func:`s2l_core.predict.auto_scale`: small
+nuclei brought towards 40 pixels across, at most 2x) and by ``auto@D`` (towards ``D``
+pixels), with the watershed instances and scores of ``bench_quality.py``, overall and
+per image size, with the median time of the prediction per image. No training: it
+reads checkpoints, e.g. those the quality benchmark writes.
+
+Usage::
+
+    python benchmarks/bench_scale.py --modality fluorescence \\
+        s2l=book/reference/s2l_fluorescence_r030.pt \\
+        pce=runs/bench/fluorescence_r030/pce.pt full=runs/bench/fluorescence_r030/full.pt
+
+Figures go to ``benchmarks/results/scale_<modality>.json`` and ``.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import shlex
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from s2l_core import data
+from s2l_core.evaluate import SCORES, dataset_images, score_images
+from s2l_core.files import atomic_path, write_json
+from s2l_core.predict import load_model, predict_probability
+
+HERE = Path(__file__).resolve().parent
+DEFAULT_MIRROR = HERE.parent.parent / "shared" / "data" / "bbbc038" / "stage1_train.zip"
+SHOWN = ["iou", "ap", "f1", "aji"]
+
+
+def parse_scale(text: str) -> float | str:
+    """A scale argument: a positive number, ``auto``, or ``auto@D`` (aim at D pixels)."""
+    if text == "auto":
+        return text
+    if text.startswith("auto@"):
+        if not float(text[5:]) > 0:
+            raise argparse.ArgumentTypeError(f"the diameter of {text} must be positive")
+        return text
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"scales must be positive, got {text}")
+    return value
+
+
+def parse_checkpoint(text: str) -> tuple[str, Path]:
+    """``NAME=PATH`` to ``(NAME, PATH)``."""
+    name, sep, path = text.partition("=")
+    if not sep or not name or not path:
+        raise argparse.ArgumentTypeError(f"expected NAME=PATH, got {text!r}")
+    return name, Path(path)
+
+
+def score_checkpoint(model, device, images, scale) -> pd.DataFrame:
+    """Score one checkpoint at one scale; one row per image, with the scale used."""
+    used = []
+
+    kwargs = {"scale": scale}
+    if isinstance(scale, str) and scale.startswith("auto@"):
+        kwargs = {"scale": "auto", "diameter": float(scale[5:])}
+
+    def predict(x: np.ndarray) -> np.ndarray:
+        prob, chosen = predict_probability(model, x, device=device, **kwargs)
+        used.append(chosen)
+        return prob
+
+    scores = score_images(predict, images)
+    return scores.assign(scale=str(scale), scale_used=used)
+
+
+def to_markdown(per_image: pd.DataFrame, command: str, modality: str) -> str:
+    """Overall and per-size tables of the mean scores, one row per method and scale."""
+    lines = [
+        f"# Inference scale: {modality}, 30 % scribbles",
+        "",
+        f"Command: `{command}`",
+        "",
+        "Mean scores; `s/img` is the median time of the prediction per image (with "
+        "`auto`: both passes and the measuring of the nuclei), `mean scale` the mean "
+        "magnification used.",
+        "",
+    ]
+    keys = ["split", "method", "scale"]
+    for split, part in per_image.groupby("split", sort=False):
+        table = part.groupby(keys[1:], sort=False).agg(
+            **{k: (k, "mean") for k in SHOWN},
+            **{"s/img": ("predict_s", "median"), "mean scale": ("scale_used", "mean")},
+        )
+        title = f"## {split} ({part['image_id'].nunique()} images)"
+        lines += [title, "", table.round(3).reset_index().to_markdown(index=False), ""]
+        sizes = part.pivot_table(
+            index=["method", "scale"], columns="size", values="iou", aggfunc="mean", sort=False
+        )
+        counts = part.drop_duplicates("image_id")["size"].value_counts()
+        sizes.columns = [f"{c} ({counts[c]})" for c in sizes.columns]
+        sizes = sizes.round(3).reset_index().to_markdown(index=False)
+        lines += [f"IoU per image size ({split}):", "", sizes, ""]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("checkpoints", nargs="+", type=parse_checkpoint, help="NAME=PATH")
+    parser.add_argument("--modality", default="fluorescence", choices=data.MODALITIES)
+    parser.add_argument("--scales", nargs="+", type=parse_scale, default=[1.0, 1.5, "auto"])
+    parser.add_argument("--splits", nargs="+", default=["val", "test"], choices=data.SPLITS)
+    parser.add_argument("--source", default=str(DEFAULT_MIRROR))
+    parser.add_argument("--cache-dir")
+    parser.add_argument("--max-images", type=int, help="score only the first N per split")
+    parser.add_argument("--output", type=Path, help="default: results/scale_<modality>.json")
+    args = parser.parse_args(argv)
+
+    dataset = data.prepare_dataset(args.source, args.cache_dir, progress=False)
+    tables = []
+    for name, path in args.checkpoints:
+        model, _ = load_model(path, "auto")
+        device = next(model.parameters()).device
+        for split in args.splits:
+            ids = dataset.ids(args.modality, split)[: args.max_images]
+            for scale in args.scales:
+                scores = score_checkpoint(model, device, dataset_images(dataset, ids), scale)
+                tables.append(scores.assign(method=name, split=split))
+                print(
+                    f"{name:6s} {split:5s} scale {scale!s:5s} IoU {scores['iou'].mean():.4f} "
+                    f"AP {scores['ap'].mean():.4f}  {scores['predict_s'].median():.2f} s/img",
+                    flush=True,
+                )
+    per_image = pd.concat(tables, ignore_index=True).drop(columns="instances")
+    command = "python " + " ".join(shlex.quote(a) for a in sys.argv)
+    output = args.output or HERE / "results" / f"scale_{args.modality}.json"
+    keys = ["split", "method", "scale"]
+    summary = per_image.groupby(keys, sort=False)[list(SCORES)].mean()
+    write_json(
+        output,
+        {
+            "command": command,
+            "modality": args.modality,
+            "checkpoints": {name: str(path) for name, path in args.checkpoints},
+            "overall": [
+                dict(zip(keys, index, strict=True)) | row.round(4).to_dict()
+                for index, row in summary.iterrows()
+            ],
+            "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+            "threads": torch.get_num_threads(),
+            "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
+        },
+    )
+    with atomic_path(output.with_suffix(".csv")) as tmp:
+        per_image.to_csv(tmp, index=False, float_format="%.4f")
+    with atomic_path(output.with_suffix(".md")) as tmp:
+        tmp.write_text(to_markdown(per_image, command, args.modality))
+    print(f"written to {output} (.md, .csv)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,129 @@
+"""Whole-image inference at another scale (s2l_core.infer.predict_foreground)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from s2l_core.infer import predict_foreground
+from s2l_core.model import UNet
+from s2l_core.predict import auto_scale, object_diameter, predict_image, predict_probability
+
+
+class _Bright(nn.Module):
+    """Foreground where the first channel exceeds 0.5; remembers the input's shape."""
+
+    size_multiple = 4
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[tuple[int, int]] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.seen.append(tuple(x.shape[-2:]))
+        fg = 20.0 * (x[:, :1] - 0.5)
+        return torch.cat([torch.zeros_like(fg), fg], dim=1)
+
+
+def _block(h: int = 32, w: int = 32) -> np.ndarray:
+    image = np.zeros((3, h, w), np.float32)
+    image[:, 8:24, 8:20] = 1.0
+    return image
+
+
+@pytest.mark.parametrize("scale", [2.0, 1.5, 0.5])
+def test_scaled_prediction_comes_back_at_the_images_size(scale):
+    model = _Bright()
+    image = _block()
+    prob = predict_foreground(model, image, scale=scale)
+    assert prob.shape == (32, 32) and prob.dtype == np.float32
+    assert np.all((prob >= 0) & (prob <= 1))
+    side = round(32 * scale)
+    assert model.seen == [(side + (-side) % 4, side + (-side) % 4)]
+    # a block aligned to even pixels survives the round trip exactly
+    np.testing.assert_array_equal(prob > 0.5, image[0] > 0.5)
+
+
+def test_scale_rounds_each_side_and_one_is_the_plain_prediction():
+    model = _Bright()
+    image = _block(30, 45)
+    predict_foreground(model, image, scale=1.5)
+    assert model.seen == [(48, 68)]  # 45 and 67.5 -> 68, padded to multiples of 4
+    torch.manual_seed(0)
+    net = UNet(base_channels=8, depth=2).eval()
+    noise = np.random.default_rng(0).random((3, 40, 56)).astype(np.float32)
+    assert np.array_equal(predict_foreground(net, noise, scale=1), predict_foreground(net, noise))
+
+
+@pytest.mark.parametrize("bad", [0, -1.0, float("nan"), float("inf"), True, "2", 0.01])
+def test_bad_scale_is_refused(bad):
+    with pytest.raises(ValueError, match="scale"):
+        predict_foreground(_Bright(), _block(), scale=bad)
+
+
+# --------------------------------------------------------------------------- auto scale
+
+
+def _disc(radius: float, shape: tuple[int, int] = (128, 128)) -> np.ndarray:
+    yy, xx = np.mgrid[: shape[0], : shape[1]]
+    cy, cx = shape[0] / 2, shape[1] / 2
+    return ((yy - cy) ** 2 + (xx - cx) ** 2 <= radius**2).astype(np.float32)
+
+
+def test_object_diameter_by_hand():
+    labels = np.zeros((40, 40), np.int32)
+    labels[0:10, 0:10] = 1  # area 100
+    labels[20:24, 20:29] = 2  # area 36
+    labels[30:35, 30:35] = 5  # area 25; labels 3 and 4 are absent and do not count
+    assert object_diameter(labels) == pytest.approx(2 * np.sqrt(36 / np.pi))
+    assert np.isnan(object_diameter(np.zeros((5, 5), np.uint16)))
+    with pytest.raises(ValueError, match="integer"):
+        object_diameter(np.zeros((5, 5), np.float32))
+    with pytest.raises(ValueError, match="negative"):
+        object_diameter(-np.ones((5, 5), np.int32))
+
+
+@pytest.mark.parametrize(
+    ("radius", "expected"),
+    [(5.0, 2.0), (12.5, 40 / 25), (30.0, 1.0), (0.0, 1.0)],  # small, middle, large, none
+)
+def test_auto_scale_magnifies_small_nuclei_only(radius, expected):
+    prob = _disc(radius)
+    # the measured diameter of a digital disc is within a pixel of 2 r
+    assert auto_scale(prob) == pytest.approx(expected, rel=0.05)
+
+
+def test_auto_scale_settings_and_errors():
+    prob = _disc(5.0)  # about 10 pixels across
+    assert auto_scale(prob, max_scale=3.0) == 3.0  # 40 / 10 = 4, held at 3
+    assert auto_scale(prob, diameter=20.0) == pytest.approx(2.0, rel=0.05)
+    assert auto_scale(prob, max_scale=1.0) == 1.0
+    for kwargs in ({"diameter": 0.0}, {"diameter": float("nan")}, {"max_scale": 0.5}):
+        with pytest.raises(ValueError, match=r"diameter|max_scale"):
+            auto_scale(prob, **kwargs)
+
+
+def test_predict_probability_auto_predicts_twice_only_for_small_nuclei():
+    small = np.repeat(_disc(5.0, (64, 64))[None], 3, axis=0)
+    model = _Bright()
+    prob, used = predict_probability(model, small, scale="auto")
+    assert used == 2.0 and prob.shape == (64, 64)
+    assert model.seen == [(64, 64), (128, 128)]
+    np.testing.assert_array_equal(prob > 0.5, small[0] > 0.5)
+    large = np.repeat(_disc(25.0, (64, 64))[None], 3, axis=0)
+    model = _Bright()
+    prob, used = predict_probability(model, large, scale="auto")
+    assert used == 1.0 and model.seen == [(64, 64)]
+    assert predict_probability(_Bright(), large, scale=1.5)[1] == 1.5
+    with pytest.raises(ValueError, match="'auto'"):
+        predict_probability(_Bright(), large, scale="big")
+
+
+def test_predict_image_keeps_the_size_at_any_scale():
+    image = (np.repeat(_disc(5.0, (50, 70))[..., None], 3, axis=2) * 255).astype(np.uint8)
+    for scale in (1.0, 1.5, "auto"):
+        prob, labels = predict_image(_Bright(), image, scale=scale)
+        assert prob.shape == labels.shape == (50, 70)
+        assert labels.max() == 1
