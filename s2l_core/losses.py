@@ -93,6 +93,16 @@ def _check_label_map(
         )
 
 
+def _check_logits_and_labels(
+    logits: torch.Tensor, labels: torch.Tensor, name: str
+) -> tuple[int, int, int]:
+    """Check logits (N, 2, H, W) and a label map that matches them; return (N, H, W)."""
+    _check_logits(logits)
+    shape = (logits.shape[0], logits.shape[2], logits.shape[3])
+    _check_label_map(labels, name, shape, logits.device)
+    return shape
+
+
 def _check_valid(valid: torch.Tensor | None, shape: tuple[int, ...], device: torch.device) -> None:
     if valid is None:
         return
@@ -170,9 +180,7 @@ def partial_cross_entropy(logits: torch.Tensor, scribbles: torch.Tensor) -> torc
     TypeError, ValueError
         On a wrong shape, dtype or device, or a label value other than 0, 1, 250.
     """
-    _check_logits(logits)
-    shape = (logits.shape[0], logits.shape[2], logits.shape[3])
-    _check_label_map(scribbles, "scribbles", shape, logits.device)
+    _check_logits_and_labels(logits, scribbles, "scribbles")
     return _masked_cross_entropy(logits, scribbles)
 
 
@@ -262,9 +270,7 @@ def pseudo_label_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> t
         Scalar float32 mean over the non-ignored pixels of the batch; ``0`` with a zero
         gradient when there is none.
     """
-    _check_logits(logits)
-    shape = (logits.shape[0], logits.shape[2], logits.shape[3])
-    _check_label_map(targets, "targets", shape, logits.device)
+    _check_logits_and_labels(logits, targets, "targets")
     return _masked_cross_entropy(logits, targets)
 
 
@@ -342,9 +348,7 @@ def scribble2label_loss(
     if not (math.isfinite(lam) and lam >= 0):
         raise ValueError(f"lam must be finite and >= 0, got {lam}")
     tau = check_tau(tau)
-    _check_logits(logits)
-    shape = (logits.shape[0], logits.shape[2], logits.shape[3])
-    _check_label_map(scribbles, "scribbles", shape, logits.device)
+    shape = _check_logits_and_labels(logits, scribbles, "scribbles")
     _check_valid(valid, shape, logits.device)
 
     if valid is not None:
@@ -407,9 +411,7 @@ def dice_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     TypeError, ValueError
         On a wrong shape, dtype or device, or a label value other than 0, 1, 250.
     """
-    _check_logits(logits)
-    shape = (logits.shape[0], logits.shape[2], logits.shape[3])
-    _check_label_map(targets, "targets", shape, logits.device)
+    _check_logits_and_labels(logits, targets, "targets")
     with torch.autocast(device_type=logits.device.type, enabled=False):
         p = torch.softmax(logits.float(), dim=1)[:, 1]
         labelled = targets != UNLABELLED
