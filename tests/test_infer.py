@@ -1,4 +1,4 @@
-"""Whole-image inference at another scale (s2l_core.infer.predict_foreground)."""
+"""Prediction at another scale: predict_foreground(scale=) and the automatic scale."""
 
 from __future__ import annotations
 

@@ -13,7 +13,7 @@ from s2l_core.augment import normalize_image
 from s2l_core.infer import predict_foreground
 from s2l_core.metrics import foreground_iou
 from s2l_core.model import count_parameters
-from s2l_core.predict import load_model
+from s2l_core.predict import load_model, predict_probability
 from s2l_core.train import TrainConfig
 
 REFERENCE = Path(__file__).resolve().parents[1] / "book" / "reference"
@@ -56,3 +56,26 @@ def test_reference_checkpoint_segments_test_images(prepared):
     # The first test images score like the whole test split did when the file was made.
     assert np.mean(ious) > info["test_mean"]["iou"] - 0.1
     assert np.mean(ious) > 0.6
+
+
+@pytest.mark.slow
+def test_auto_scale_magnifies_small_real_nuclei_and_places_their_borders_better(prepared):
+    model, _ = load_model(CHECKPOINT, "cpu")
+    ids = prepared.ids("fluorescence", "test")
+
+    def first(shape: tuple[int, int], n: int) -> list[str]:
+        return [i for i in ids if prepared.image(i).shape[:2] == shape][:n]
+
+    gains = []
+    for image_id in first((256, 256), 8):  # nuclei about 14 pixels across
+        image, truth = normalize_image(prepared.image(image_id)), prepared.labels(image_id) > 0
+        plain, _ = predict_probability(model, image)
+        magnified, scale = predict_probability(model, image, scale="auto")
+        assert scale == 2.0  # 40 / 14 is held at the largest magnification
+        gains.append(foreground_iou(magnified > 0.5, truth) - foreground_iou(plain > 0.5, truth))
+    assert np.mean(gains) > 0.01 and min(gains) > -0.01
+    for image_id in first((360, 360), 2):  # nuclei about 47 pixels across: left alone
+        image = normalize_image(prepared.image(image_id))
+        magnified, scale = predict_probability(model, image, scale="auto")
+        assert scale == 1.0
+        np.testing.assert_array_equal(magnified, predict_probability(model, image)[0])
