@@ -62,8 +62,14 @@ def parse_checkpoint(text: str) -> tuple[str, Path]:
 
 
 def score_checkpoint(model, device, images, scale) -> pd.DataFrame:
-    """Score one checkpoint at one scale; one row per image, with the scale used."""
-    used = []
+    """Score one checkpoint at one scale; one row per image, with the scale used and
+    ``area_ratio``, the predicted foreground's area over the true one's."""
+    used, true_area, labels = [], {}, {}
+
+    def remember(triples):
+        for image_id, image, truth in triples:
+            true_area[image_id] = int((truth > 0).sum())
+            yield image_id, image, truth
 
     kwargs = {"scale": scale}
     if isinstance(scale, str) and scale.startswith("auto@"):
@@ -74,8 +80,9 @@ def score_checkpoint(model, device, images, scale) -> pd.DataFrame:
         used.append(chosen)
         return prob
 
-    scores = score_images(predict, images)
-    return scores.assign(scale=str(scale), scale_used=used)
+    scores = score_images(predict, remember(images), labels_out=labels)
+    area = {i: (out["watershed"] > 0).sum() / max(true_area[i], 1) for i, out in labels.items()}
+    return scores.assign(scale=str(scale), scale_used=used, area_ratio=scores["image_id"].map(area))
 
 
 def to_markdown(per_image: pd.DataFrame, command: str, modality: str) -> str:
@@ -87,7 +94,8 @@ def to_markdown(per_image: pd.DataFrame, command: str, modality: str) -> str:
         "",
         "Mean scores; `s/img` is the median time of the prediction per image (with "
         "`auto`: both passes and the measuring of the nuclei), `mean scale` the mean "
-        "magnification used.",
+        "magnification used, `area` the median ratio of predicted to true foreground "
+        "area.",
         "",
     ]
     keys = ["split", "method", "scale"]
@@ -95,6 +103,7 @@ def to_markdown(per_image: pd.DataFrame, command: str, modality: str) -> str:
         table = part.groupby(keys[1:], sort=False).agg(
             **{k: (k, "mean") for k in SHOWN},
             **{"s/img": ("predict_s", "median"), "mean scale": ("scale_used", "mean")},
+            **{"area": ("area_ratio", "median")},
         )
         title = f"## {split} ({part['image_id'].nunique()} images)"
         lines += [title, "", table.round(3).reset_index().to_markdown(index=False), ""]
