@@ -61,7 +61,17 @@ def parse_checkpoint(text: str) -> tuple[str, Path]:
     return name, Path(path)
 
 
-def score_checkpoint(model, device, images, scale) -> pd.DataFrame:
+def parse_min_peak(text: str) -> float | None:
+    """A ``--min-peaks`` value: a probability in [0, 1], or ``none`` (keep every region)."""
+    if text == "none":
+        return None
+    value = float(text)
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"min_peak must lie in [0, 1], got {text}")
+    return value
+
+
+def score_checkpoint(model, device, images, scale, min_peak=None) -> pd.DataFrame:
     """Score one checkpoint at one scale; one row per image, with the scale used and
     ``area_ratio``, the predicted foreground's area over the true one's."""
     used, true_area, labels = [], {}, {}
@@ -80,9 +90,14 @@ def score_checkpoint(model, device, images, scale) -> pd.DataFrame:
         used.append(chosen)
         return prob
 
-    scores = score_images(predict, remember(images), labels_out=labels)
+    scores = score_images(predict, remember(images), labels_out=labels, min_peak=min_peak)
     area = {i: (out["watershed"] > 0).sum() / max(true_area[i], 1) for i, out in labels.items()}
-    return scores.assign(scale=str(scale), scale_used=used, area_ratio=scores["image_id"].map(area))
+    return scores.assign(
+        scale=str(scale),
+        min_peak=str(min_peak),
+        scale_used=used,
+        area_ratio=scores["image_id"].map(area),
+    )
 
 
 def to_markdown(per_image: pd.DataFrame, command: str, modality: str) -> str:
@@ -98,7 +113,7 @@ def to_markdown(per_image: pd.DataFrame, command: str, modality: str) -> str:
         "area.",
         "",
     ]
-    keys = ["split", "method", "scale"]
+    keys = ["split", "method", "scale", "min_peak"]
     for split, part in per_image.groupby("split", sort=False):
         table = part.groupby(keys[1:], sort=False).agg(
             **{k: (k, "mean") for k in SHOWN},
@@ -108,7 +123,11 @@ def to_markdown(per_image: pd.DataFrame, command: str, modality: str) -> str:
         title = f"## {split} ({part['image_id'].nunique()} images)"
         lines += [title, "", table.round(3).reset_index().to_markdown(index=False), ""]
         sizes = part.pivot_table(
-            index=["method", "scale"], columns="size", values="iou", aggfunc="mean", sort=False
+            index=["method", "scale", "min_peak"],
+            columns="size",
+            values="iou",
+            aggfunc="mean",
+            sort=False,
         )
         counts = part.drop_duplicates("image_id")["size"].value_counts()
         sizes.columns = [f"{c} ({counts[c]})" for c in sizes.columns]
@@ -122,6 +141,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("checkpoints", nargs="+", type=parse_checkpoint, help="NAME=PATH")
     parser.add_argument("--modality", default="fluorescence", choices=data.MODALITIES)
     parser.add_argument("--scales", nargs="+", type=parse_scale, default=[1.0, 1.5, "auto"])
+    parser.add_argument(
+        "--min-peaks", nargs="+", type=parse_min_peak, default=[None],
+        help="hysteresis levels to score (foreground_to_instances min_peak); 'none' is off",
+    )  # fmt: skip
     parser.add_argument("--splits", nargs="+", default=["val", "test"], choices=data.SPLITS)
     parser.add_argument("--source", default=str(DEFAULT_MIRROR))
     parser.add_argument("--cache-dir")
@@ -137,17 +160,20 @@ def main(argv: list[str] | None = None) -> None:
         for split in args.splits:
             ids = dataset.ids(args.modality, split)[: args.max_images]
             for scale in args.scales:
-                scores = score_checkpoint(model, device, dataset_images(dataset, ids), scale)
-                tables.append(scores.assign(method=name, split=split))
-                print(
-                    f"{name:6s} {split:5s} scale {scale!s:5s} IoU {scores['iou'].mean():.4f} "
-                    f"AP {scores['ap'].mean():.4f}  {scores['predict_s'].median():.2f} s/img",
-                    flush=True,
-                )
+                for peak in args.min_peaks:
+                    images = dataset_images(dataset, ids)
+                    scores = score_checkpoint(model, device, images, scale, peak)
+                    tables.append(scores.assign(method=name, split=split))
+                    print(
+                        f"{name:6s} {split:5s} scale {scale!s:5s} min_peak {peak!s:5s} "
+                        f"IoU {scores['iou'].mean():.4f} AP {scores['ap'].mean():.4f}  "
+                        f"{scores['predict_s'].median():.2f} s/img",
+                        flush=True,
+                    )
     per_image = pd.concat(tables, ignore_index=True).drop(columns="instances")
     command = "python " + " ".join(shlex.quote(a) for a in sys.argv)
     output = args.output or HERE / "results" / f"scale_{args.modality}.json"
-    keys = ["split", "method", "scale"]
+    keys = ["split", "method", "scale", "min_peak"]
     summary = per_image.groupby(keys, sort=False)[list(SCORES)].mean()
     write_json(
         output,

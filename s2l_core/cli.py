@@ -116,6 +116,17 @@ def _scale(text: str) -> float | str:
     return value
 
 
+def _probability(text: str) -> float:
+    """``--min-peak``: a number in [0, 1]."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must lie in [0, 1], got {text!r}")
+    return value
+
+
 def _predict(args: argparse.Namespace) -> int:
     from s2l_core.predict import predict_folder
 
@@ -134,6 +145,7 @@ def _predict(args: argparse.Namespace) -> int:
         progress=not args.quiet,
         channel=args.channel,
         scale=args.scale,
+        min_peak=args.min_peak,
     )
     print(f"wrote {len(written)} label images to {args.output_dir}")
     return 0
@@ -258,6 +270,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--scale", type=_scale, default=1.0,
         help="magnify images by this factor for the network, or 'auto': magnify small "
         "nuclei towards 40 pixels across, at most 2x (default 1)",
+    )  # fmt: skip
+    pr.add_argument(
+        "--min-peak", type=_probability, default=None,
+        help="drop regions whose foreground probability never exceeds this (hysteresis: "
+        "0.99 drops faint false detections and keeps the borders of the rest; default: "
+        "keep all)",
     )  # fmt: skip
     pr.add_argument("--device", default="auto")
     pr.add_argument("--overwrite", action="store_true")

@@ -51,6 +51,7 @@ def score_images(
     *,
     instances: Sequence[str] = ("watershed",),
     threshold: float = 0.5,
+    min_peak: float | None = None,
     labels_out: dict | None = None,
     progress: bool = False,
 ) -> pd.DataFrame:
@@ -69,6 +70,9 @@ def score_images(
         How to split the foreground into nuclei; one row per image and method.
     threshold : float, optional
         Foreground where the probability exceeds it.
+    min_peak : float, optional
+        Drop regions whose probability never exceeds it
+        (:func:`s2l_core.predict.foreground_to_instances`).
     labels_out : dict, optional
         If given, receives ``labels_out[image_id][method]``: the predicted instance labels.
     progress : bool, optional
@@ -97,7 +101,9 @@ def score_images(
                 f"{image_id}: the prediction has shape {prob.shape} but the truth has {truth.shape}"
             )
         for method in instances:
-            labels = foreground_to_instances(prob, threshold=threshold, method=method)
+            labels = foreground_to_instances(
+                prob, threshold=threshold, method=method, min_peak=min_peak
+            )
             scores = evaluate_image(labels, truth)
             rows.append(
                 {

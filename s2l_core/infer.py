@@ -110,7 +110,7 @@ def predict_foreground(
             torch.from_numpy(prob)[None, None], size=(h, w), mode="bilinear",
             align_corners=False, antialias=scale > 1,
         )  # fmt: skip
-        return back[0, 0].numpy()
+        return back[0, 0].clamp_(0.0, 1.0).numpy()  # resampling may step past 1 by a rounding
     device = torch.device(device)
     multiple = int(getattr(model, "size_multiple", 32))
     was_training = model.training

@@ -72,6 +72,15 @@ def test_cli_train_and_predict_own_images(tmp_path, capsys):
         with pytest.raises(SystemExit):
             main(["predict", str(out), str(images), str(tmp_path / "x"), "--scale", bad])
     assert "--scale" in capsys.readouterr().err
+    peaked = tmp_path / "peaked"
+    args = ["predict", str(out), str(images), str(peaked), "--quiet", "--mode", "semantic"]
+    assert main([*args, "--min-peak", "1"]) == 0  # no probability exceeds 1: all dropped
+    assert json.loads((peaked / "s2l_predict.json").read_text())["min_peak"] == 1.0
+    assert read_image(peaked / "cells_2.tif").max() == 0
+    for bad in ("1.5", "-0.1", "high"):
+        with pytest.raises(SystemExit):
+            main([*args[:3], str(tmp_path / "y"), "--min-peak", bad])
+    assert "--min-peak" in capsys.readouterr().err
 
 
 def test_cli_trains_and_predicts_one_channel_of_two(tmp_path, capsys):

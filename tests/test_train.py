@@ -230,6 +230,30 @@ def test_small_objects_are_removed():
         foreground_to_instances(prob, method="magic")
 
 
+@pytest.mark.parametrize("method", ["components", "watershed"])
+def test_min_peak_drops_faint_regions_and_keeps_confident_ones_whole(method):
+    """A confident nucleus (core 1.0 inside a 0.6 rim), a faint blob (0.7 everywhere)
+    and a faint blob touching nothing: with min_peak 0.9 only the first stays, rim
+    included; without it all three do."""
+    yy, xx = np.mgrid[:60, :90]
+    prob = np.zeros((60, 90), np.float32)
+    prob[(yy - 20) ** 2 + (xx - 20) ** 2 <= 10**2] = 0.6  # rim of the confident nucleus
+    prob[(yy - 20) ** 2 + (xx - 20) ** 2 <= 6**2] = 1.0  # its core
+    prob[(yy - 20) ** 2 + (xx - 60) ** 2 <= 8**2] = 0.7  # faint blob
+    prob[45:55, 30:45] = 0.85  # a faint region apart from the rest
+    outer = (yy - 20) ** 2 + (xx - 20) ** 2 <= 10**2
+    every = foreground_to_instances(prob, method=method)
+    assert every.max() == 3
+    kept = foreground_to_instances(prob, method=method, min_peak=0.9)
+    assert kept.max() == 1
+    assert np.array_equal(kept > 0, outer)
+    assert np.array_equal(foreground_to_instances(prob, method=method, min_peak=0.0), every)
+    assert foreground_to_instances(prob, method=method, min_peak=1.0).max() == 0
+    for bad in (1.5, -0.1, float("nan")):
+        with pytest.raises(ValueError, match="min_peak must be a probability"):
+            foreground_to_instances(prob, min_peak=bad)
+
+
 # ----------------------------------------------------------------------------- baselines
 
 
