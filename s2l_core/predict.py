@@ -355,14 +355,13 @@ def predict_image(
         model, normalize_image(image), scale=scale, device=device, threshold=threshold, tile=tile
     )
     if instances is None:
-        if min_peak is None:
-            return prob, (prob > threshold).astype(np.uint8)
-        return prob, (
-            foreground_to_instances(
+        mask = prob > threshold
+        if min_peak is not None:  # the regions kept, holes left as they are
+            kept = foreground_to_instances(
                 prob, threshold=threshold, method="components", min_size=1, min_peak=min_peak
             )
-            > 0
-        ).astype(np.uint8)
+            mask &= kept > 0
+        return prob, mask.astype(np.uint8)
     labels = foreground_to_instances(
         prob, threshold=threshold, method=instances, min_size=min_size, min_peak=min_peak
     )

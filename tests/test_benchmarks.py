@@ -113,7 +113,8 @@ def test_scale_tables_are_means_per_method_scale_and_size():
                 rows.append(
                     {"image_id": f"{split}{i}", "size": size, "predict_s": 0.1, "iou": base + bump,
                      "ap": 0.4, "f1": 0.5, "aji": 0.3, "scale_used": 1.0 if scale == "1.0" else 2.0,
-                     "area_ratio": 1.0 + bump, "method": "s2l", "split": split, "scale": scale}
+                     "area_ratio": 1.0 + bump, "method": "s2l", "split": split, "scale": scale,
+                     "min_peak": "None"}
                 )  # fmt: skip
     text = scale_bench.to_markdown(pd.DataFrame(rows), "python bench_scale.py", "fluorescence")
     assert "## val (3 images)" in text and "## test (3 images)" in text
@@ -125,8 +126,9 @@ def test_scale_tables_are_means_per_method_scale_and_size():
     # per split: the overall rows (scale 1, auto), then the per-size rows (scale 1, auto)
     assert len(table) == 8
     overall_auto, sizes_auto = table[1], table[3]
-    assert float(overall_auto[2]) == pytest.approx(0.8)  # mean of 0.7, 0.9 and 0.8
+    assert overall_auto[:3] == ["s2l", "auto", "None"]  # method, scale, min_peak
+    assert float(overall_auto[3]) == pytest.approx(0.8)  # mean of 0.7, 0.9 and 0.8
     assert float(overall_auto[-2]) == 2.0  # mean scale
     assert float(overall_auto[-1]) == pytest.approx(1.1)  # median area ratio
-    assert [float(c) for c in sizes_auto[2:]] == pytest.approx([0.8, 0.8])
+    assert [float(c) for c in sizes_auto[3:]] == pytest.approx([0.8, 0.8])
     assert "256x256 (2)" in text and "512x640 (1)" in text

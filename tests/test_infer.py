@@ -137,3 +137,22 @@ def test_predict_image_keeps_the_size_at_any_scale():
         prob, labels = predict_image(_Bright(), image, scale=scale)
         assert prob.shape == labels.shape == (50, 70)
         assert labels.max() == 1
+
+
+def test_semantic_mask_with_min_peak_keeps_confident_regions_and_their_holes():
+    """A bright block (probability 0.99995) with a dark hole, and a faint block (0.88):
+    min_peak 0.99 keeps the bright block only, hole and all; without it both stay."""
+    image = np.zeros((40, 60), np.float32)
+    image[5:25, 5:25] = 1.0
+    image[12:16, 12:16] = 0.0  # a hole in the bright block
+    image[5:25, 35:55] = 0.6  # faint: 20 * (0.6 - 0.5) = 2 -> sigmoid 0.88
+    bright = np.zeros((40, 60), bool)
+    bright[5:25, 5:25] = True
+    bright[12:16, 12:16] = False
+    _, every = predict_image(_Bright(), image, instances=None)
+    _, kept = predict_image(_Bright(), image, instances=None, min_peak=0.99)
+    assert kept.dtype == np.uint8
+    assert np.array_equal(kept > 0, bright)
+    assert np.array_equal(every > 0, bright | (image == 0.6))
+    _, labels = predict_image(_Bright(), image, min_peak=0.99, instances="components")
+    assert labels.max() == 1 and not labels[5:25, 35:55].any()
