@@ -232,9 +232,9 @@ def test_small_objects_are_removed():
 
 @pytest.mark.parametrize("method", ["components", "watershed"])
 def test_min_peak_drops_faint_regions_and_keeps_confident_ones_whole(method):
-    """A confident nucleus (core 1.0 inside a 0.6 rim), a faint blob (0.7 everywhere)
-    and a faint blob touching nothing: with min_peak 0.9 only the first stays, rim
-    included; without it all three do."""
+    """A confident nucleus (core 1.0 inside a 0.6 rim) and two faint regions (0.7 and
+    0.85 everywhere): with min_peak 0.9 only the nucleus stays, rim included; without
+    it all three do."""
     yy, xx = np.mgrid[:60, :90]
     prob = np.zeros((60, 90), np.float32)
     prob[(yy - 20) ** 2 + (xx - 20) ** 2 <= 10**2] = 0.6  # rim of the confident nucleus
