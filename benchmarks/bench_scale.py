@@ -30,6 +30,7 @@ import pandas as pd
 import torch
 
 from s2l_core import data
+from s2l_core.cli import probability_argument, scale_argument
 from s2l_core.evaluate import SCORES, dataset_images, score_images
 from s2l_core.files import atomic_path, write_json
 from s2l_core.predict import load_model, predict_probability
@@ -40,17 +41,17 @@ SHOWN = ["iou", "ap", "f1", "aji"]
 
 
 def parse_scale(text: str) -> float | str:
-    """A scale argument: a positive number, ``auto``, or ``auto@D`` (aim at D pixels)."""
-    if text == "auto":
-        return text
+    """A scale argument: ``s2l predict --scale``'s (a positive number or ``auto``), or
+    ``auto@D`` (aim at D pixels)."""
     if text.startswith("auto@"):
-        if not float(text[5:]) > 0:
-            raise argparse.ArgumentTypeError(f"the diameter of {text} must be positive")
+        try:
+            diameter = float(text[5:])
+        except ValueError:
+            diameter = float("nan")
+        if not 0 < diameter < float("inf"):
+            raise argparse.ArgumentTypeError(f"expected auto@<positive pixels>, got {text!r}")
         return text
-    value = float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"scales must be positive, got {text}")
-    return value
+    return scale_argument(text)
 
 
 def parse_checkpoint(text: str) -> tuple[str, Path]:
@@ -62,13 +63,9 @@ def parse_checkpoint(text: str) -> tuple[str, Path]:
 
 
 def parse_min_peak(text: str) -> float | None:
-    """A ``--min-peaks`` value: a probability in [0, 1], or ``none`` (keep every region)."""
-    if text == "none":
-        return None
-    value = float(text)
-    if not 0.0 <= value <= 1.0:
-        raise argparse.ArgumentTypeError(f"min_peak must lie in [0, 1], got {text}")
-    return value
+    """A ``--min-peaks`` value: ``s2l predict --min-peak``'s (a probability in [0, 1]),
+    or ``none`` (keep every region)."""
+    return None if text == "none" else probability_argument(text)
 
 
 def score_checkpoint(model, device, images, scale, min_peaks=(None,)) -> pd.DataFrame:

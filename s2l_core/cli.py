@@ -103,8 +103,8 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _scale(text: str) -> float | str:
-    """``--scale``: ``auto`` or a positive number."""
+def scale_argument(text: str) -> float | str:
+    """``--scale`` (an ``argparse`` type): ``auto`` or a positive number."""
     if text == "auto":
         return text
     try:
@@ -116,8 +116,8 @@ def _scale(text: str) -> float | str:
     return value
 
 
-def _probability(text: str) -> float:
-    """``--min-peak``: a number in [0, 1]."""
+def probability_argument(text: str) -> float:
+    """``--min-peak`` (an ``argparse`` type): a number in [0, 1]."""
     try:
         value = float(text)
     except ValueError:
@@ -267,12 +267,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="the channel (from 0) of multi-channel images (default: the checkpoint's)",
     )  # fmt: skip
     pr.add_argument(
-        "--scale", type=_scale, default=1.0,
+        "--scale", type=scale_argument, default=1.0,
         help="magnify images by this factor for the network, or 'auto': magnify small "
         "nuclei towards 40 pixels across, at most 2x (default 1)",
     )  # fmt: skip
     pr.add_argument(
-        "--min-peak", type=_probability, default=None,
+        "--min-peak", type=probability_argument, default=None,
         help="drop regions whose foreground probability never exceeds this (hysteresis: "
         "0.99 drops faint false detections and keeps the borders of the rest; default: "
         "keep all)",

@@ -95,9 +95,14 @@ def test_scale_arguments_are_checked():
     assert scale_bench.parse_scale("1.5") == 1.5
     assert scale_bench.parse_scale("auto") == "auto"
     assert scale_bench.parse_scale("auto@30") == "auto@30"
-    for bad in ("0", "-1", "auto@0", "auto@x", "big"):
-        with pytest.raises((ValueError, argparse.ArgumentTypeError)):
+    for bad in ("0", "-1", "inf", "nan", "auto@0", "auto@x", "auto@inf", "auto@auto", "big"):
+        with pytest.raises(argparse.ArgumentTypeError):
             scale_bench.parse_scale(bad)
+    assert scale_bench.parse_min_peak("none") is None
+    assert scale_bench.parse_min_peak("0.99") == 0.99
+    for bad in ("1.5", "-0.1", "high"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            scale_bench.parse_min_peak(bad)
     assert scale_bench.parse_checkpoint("s2l=a/b.pt") == ("s2l", Path("a/b.pt"))
     for bad in ("a/b.pt", "=a.pt", "s2l="):
         with pytest.raises(argparse.ArgumentTypeError):
