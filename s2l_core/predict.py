@@ -138,6 +138,7 @@ def foreground_to_instances(
     if min_peak is not None and not (0.0 <= min_peak <= 1.0):
         raise ValueError(f"min_peak must be a probability in [0, 1] or None, got {min_peak}")
     fg = ndi.binary_fill_holes(prob > threshold)
+    regions = None  # 8-connected components of fg, once computed
     if min_size > 1 or min_peak is not None:
         regions, n = ndi.label(fg, structure=np.ones((3, 3), bool))
         if min_size > 1:
@@ -148,7 +149,8 @@ def foreground_to_instances(
             regions = np.where(faint[regions], 0, regions)
         fg = regions > 0
     if method == "components":
-        labels, _ = ndi.label(fg, structure=np.ones((3, 3), bool))
+        # Dropping whole components leaves the others as they were: no second labelling.
+        labels = regions if regions is not None else ndi.label(fg, np.ones((3, 3), bool))[0]
     else:
         distance = ndi.distance_transform_edt(fg)
         peaks = h_maxima(ndi.gaussian_filter(distance, 1.0), split_depth)

@@ -226,6 +226,14 @@ def test_small_objects_are_removed():
     prob[10:20, 10:20] = 1  # 100 px
     labels = foreground_to_instances(prob, min_size=16, method="components")
     assert labels.max() == 1 and (labels > 0).sum() == 100
+    every = foreground_to_instances(prob, min_size=1, method="components")
+    assert every.dtype == np.uint16 and every.max() == 2 and (every > 0).sum() == 104
+    prob[20:26, 20:26] = 1  # touches the 100 px square at a corner: the same object
+    prob[2:4, 26:28] = 1  # a second 4 px speck
+    for min_size, objects, area in ((1, 3, 144), (5, 1, 136)):
+        labels = foreground_to_instances(prob, min_size=min_size, method="components")
+        assert labels.max() == objects and (labels > 0).sum() == area
+        assert set(np.unique(labels)) == set(range(objects + 1))  # numbered 1..n
     with pytest.raises(ValueError, match="method must be"):
         foreground_to_instances(prob, method="magic")
 
