@@ -894,13 +894,18 @@ class ScribbleSession:
             raise IndexError(f"image index {index} outside 0..{len(self.images) - 1}")
         return index
 
-    def _read(self, index: int) -> tuple[np.ndarray, np.ndarray | None]:
+    def _image(self, index: int) -> tuple[np.ndarray, tuple[int, int]]:
+        """Image ``index`` (its channel taken) and its ``(H, W)``."""
         path = self.images[index]
         try:
             image = select_channel(read_image(path), self.channel)
         except (OSError, ValueError) as err:
             raise ValueError(f"cannot open image {path}: {err}") from err
-        shape = _image_shape(image, path)
+        return image, _image_shape(image, path)
+
+    def _read(self, index: int) -> tuple[np.ndarray, np.ndarray | None]:
+        path = self.images[index]
+        image, shape = self._image(index)
         scribble_path = self.scribble_path(index)
         if not scribble_path.exists():
             return image, None
@@ -1034,9 +1039,7 @@ class ScribbleSession:
                 continue
             try:
                 labels = read_image(found[0])
-                shape = _image_shape(
-                    select_channel(read_image(image_path), self.channel), image_path
-                )
+                _, shape = self._image(index)
                 converted.append((index, from_napari(labels, shape)))
             except (OSError, ValueError) as err:
                 raise ValueError(f"cannot import {found[0]} for {image_path.name}: {err}") from err
