@@ -274,8 +274,9 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument(
         "--min-peak", type=probability_argument, default=None,
         help="drop regions whose foreground probability never exceeds this (hysteresis: "
-        "0.99 drops faint false detections and keeps the borders of the rest; default: "
-        "keep all)",
+        "for networks trained on scribbles, 0.99 drops faint false detections and keeps "
+        "the borders of the rest; for one trained on full masks use 0.9 at most; "
+        "default: keep all)",
     )  # fmt: skip
     pr.add_argument("--device", default="auto")
     pr.add_argument("--overwrite", action="store_true")

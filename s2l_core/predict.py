@@ -168,11 +168,13 @@ def foreground_to_instances(
     return labels.astype(dtype)
 
 
-#: A suggested ``min_peak`` for :func:`foreground_to_instances`: regions whose
-#: probability never exceeds 0.99 are dropped. On BBBC038 fluorescence it raised the
-#: reference checkpoint's validation AP at ``scale="auto"`` from 0.565 to 0.583 (test:
-#: 0.577 to 0.599) and IoU by 0.002; chosen on the validation split
-#: (``benchmarks/results/scale_fluorescence_min_peak.md``).
+#: A suggested ``min_peak`` for :func:`foreground_to_instances` with networks trained on
+#: scribbles: regions whose probability never exceeds 0.99 are dropped. On BBBC038
+#: fluorescence it raised the reference checkpoint's validation AP at ``scale="auto"``
+#: from 0.565 to 0.583 (test: 0.577 to 0.599) and IoU by 0.002; chosen on the validation
+#: split (``benchmarks/results/scale_fluorescence_min_peak.md``). A network trained on
+#: full masks is less confident and loses real nuclei at 0.99 (fluorescence test IoU
+#: 0.876 -> 0.852); 0.9 suits it (``scale_fluorescence_min_peak_baselines.md``).
 MIN_PEAK: float = 0.99
 
 #: Nucleus diameter (pixels) that ``scale="auto"`` magnifies nuclei towards. Networks
