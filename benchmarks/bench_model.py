@@ -3,7 +3,9 @@
 For each configuration, in a fresh subprocess (so that the peak resident memory is that
 configuration's own), this script times the training step of Scribble2Label on a CPU:
 forward, cross-entropy loss, backward and a RAdam step (encoder/decoder/head learning
-rates as in training) on a batch of 16 random 256×256 crops, with 2 threads. It reports
+rates as in training) on a batch of 16 random 256×256 crops, with 2 threads; the
+bfloat16 configuration (``TrainConfig.cpu_bf16``) only on a CPU that computes bfloat16
+natively. It reports
 the median crops per second over the timed steps after warm-up (and the best step, which
 is less affected by other processes), the peak RSS of the process, and the inference time
 per megapixel in eval mode without gradients on a 512×640 image.
@@ -34,15 +36,18 @@ from typing import Any
 
 RESULTS = Path(__file__).resolve().parent / "results" / "model.json"
 
-# name, model configuration (s2l_core.model.from_config), channels-last
-CONFIGURATIONS: list[tuple[str, dict[str, Any], bool]] = [
-    ("default UNet()", {"arch": "unet"}, True),
-    ("default UNet(), contiguous", {"arch": "unet"}, False),
-    ("small UNet(base_channels=16)", {"arch": "unet", "base_channels": 16}, True),
-    ("plain U-Net 16", {"arch": "unet", "base_channels": 16, "stem_factor": 1}, True),
+# name, model configuration (s2l_core.model.from_config), channels-last, bfloat16
+# autocast (TrainConfig.cpu_bf16; measured only on a CPU that computes bfloat16 natively)
+CONFIGURATIONS: list[tuple[str, dict[str, Any], bool, bool]] = [
+    ("default UNet()", {"arch": "unet"}, True, False),
+    ("default UNet(), bfloat16", {"arch": "unet"}, True, True),
+    ("default UNet(), contiguous", {"arch": "unet"}, False, False),
+    ("small UNet(base_channels=16)", {"arch": "unet", "base_channels": 16}, True, False),
+    ("plain U-Net 16", {"arch": "unet", "base_channels": 16, "stem_factor": 1}, True, False),
     (
         "plain U-Net 16, contiguous",
         {"arch": "unet", "base_channels": 16, "stem_factor": 1},
+        False,
         False,
     ),
 ]
@@ -77,6 +82,7 @@ def run_child(spec: dict[str, Any]) -> dict[str, Any]:
     import torch
     import torch.nn.functional as F
 
+    from s2l_core.infer import autocast_context
     from s2l_core.model import count_parameters, from_config, parameter_groups, prepare_model
 
     torch.set_num_threads(spec["threads"])
@@ -98,7 +104,9 @@ def run_child(spec: dict[str, Any]) -> dict[str, Any]:
     times = []
     for step in range(spec["warmup"] + spec["steps"]):
         start = time.perf_counter()
-        loss = F.cross_entropy(model(x), y)
+        with autocast_context(torch.device("cpu"), cpu_bf16=spec["bf16"]):
+            logits = model(x)
+        loss = F.cross_entropy(logits.float(), y)
         optimiser.zero_grad(set_to_none=True)
         loss.backward()
         optimiser.step()
@@ -110,7 +118,7 @@ def run_child(spec: dict[str, Any]) -> dict[str, Any]:
     h, w = spec["infer_size"]
     image = torch.randn(1, model.in_channels, h, w).contiguous(memory_format=fmt)
     infer_times = []
-    with torch.no_grad():
+    with torch.no_grad(), autocast_context(torch.device("cpu"), cpu_bf16=spec["bf16"]):
         for step in range(1 + spec["infer_steps"]):
             start = time.perf_counter()
             model(image)
@@ -160,10 +168,16 @@ def main(argv: list[str] | None = None) -> None:
 
     steps, infer_steps = (4, 3) if args.quick else (10, 5)
     rows = []
-    for name, config, channels_last in CONFIGURATIONS:
+    from s2l_core.runtime import cpu_bf16_native
+
+    for name, config, channels_last, bf16 in CONFIGURATIONS:
+        if bf16 and not cpu_bf16_native():
+            print(f"{name:30s} skipped: this CPU has no native bfloat16", flush=True)
+            continue
         spec = {
             "config": config,
             "channels_last": channels_last,
+            "bf16": bf16,
             "threads": args.threads,
             "batch": args.batch,
             "crop": args.crop,
@@ -220,6 +234,7 @@ def main(argv: list[str] | None = None) -> None:
             "platform": platform.platform(),
             "python": platform.python_version(),
             "torch": torch.__version__,
+            "cpu_bf16_native": cpu_bf16_native(),
         },
         "notes": (
             "Medians over the timed steps after 2 warm-up steps; 'best' is the fastest step. "

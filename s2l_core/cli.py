@@ -61,6 +61,8 @@ def _train(args: argparse.Namespace) -> int:
             overrides[name] = value
     if args.baseline == "pce":
         overrides["use_pseudo"] = False
+    if args.cpu_bf16:
+        overrides["cpu_bf16"] = True
     config = train.TrainConfig.profile(args.profile, **overrides)
     if args.images:
         if not args.scribbles:
@@ -237,6 +239,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--dice", type=float,
         help="weight of a soft Dice term on scribbles and pseudo-labels (an extension; "
         "0 = off, the default; 0.5 was measured on fluorescence)",
+    )  # fmt: skip
+    tr.add_argument(
+        "--cpu-bf16", action="store_true",
+        help="train in bfloat16 on a CPU that computes it natively (AVX512-BF16 or AMX): "
+        "about 1.7x faster; elsewhere float32",
     )  # fmt: skip
     tr.add_argument("--device", default="auto", help="auto, cpu or cuda")
     tr.add_argument("--resume", action="store_true", help="continue from OUT.state.pt")

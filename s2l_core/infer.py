@@ -14,8 +14,12 @@ import torch.nn.functional as F
 __all__ = ["autocast_context", "predict_foreground"]
 
 
-def autocast_context(device: torch.device, enabled: bool = True):
-    """Mixed precision on CUDA (bfloat16 where supported, else float16); nothing on CPU."""
+def autocast_context(device: torch.device, enabled: bool = True, cpu_bf16: bool = False):
+    """Mixed precision: on CUDA when ``enabled`` (bfloat16 where supported, else
+    float16); on the CPU bfloat16 when ``cpu_bf16`` (see
+    :func:`s2l_core.runtime.cpu_bf16_native`); otherwise nothing."""
+    if device.type == "cpu" and cpu_bf16:
+        return torch.autocast(device_type="cpu", dtype=torch.bfloat16)
     if device.type != "cuda" or not enabled:
         return contextlib.nullcontext()
     dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
@@ -56,6 +60,7 @@ def predict_foreground(
     amp: bool = True,
     channels_last: bool = True,
     scale: float = 1.0,
+    cpu_bf16: bool = False,
 ) -> np.ndarray:
     """Foreground probability of a whole normalised image.
 
@@ -84,6 +89,9 @@ def predict_foreground(
     scale : float, optional
         Resampling factor: the network sees the image ``scale`` times larger (nuclei
         ``scale`` times wider). See :func:`s2l_core.predict.auto_scale`.
+    cpu_bf16 : bool, optional
+        bfloat16 autocast on the CPU (worth it only where
+        :func:`s2l_core.runtime.cpu_bf16_native`).
 
     Returns
     -------
@@ -104,7 +112,7 @@ def predict_foreground(
         x = F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=scale < 1)
         prob = predict_foreground(
             model, x[0].numpy(), device=device, tile=tile, overlap=overlap, amp=amp,
-            channels_last=channels_last,
+            channels_last=channels_last, cpu_bf16=cpu_bf16,
         )  # fmt: skip
         back = F.interpolate(
             torch.from_numpy(prob)[None, None], size=(h, w), mode="bilinear",
@@ -121,7 +129,7 @@ def predict_foreground(
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         h, w = x.shape[-2:]
-        with autocast_context(device, amp):
+        with autocast_context(device, amp, cpu_bf16):
             if h <= tile and w <= tile:
                 return _forward_padded(model, x, multiple)[0].cpu().numpy()
             out = torch.zeros((h, w), dtype=torch.float32)

@@ -51,7 +51,9 @@ parameters, 3.0 GMAC, spent mostly at full resolution). Training at 256×256, ba
 2 threads, channels-last, on the project's 2-core CPU (``benchmarks/bench_model.py``,
 medians, shared machine): about 14 crops/s and 1.2 GB peak RSS, against 6.4 crops/s and
 2.0 GB for the plain 16-channel U-Net. ``UNet(base_channels=16)`` (1.9 million parameters)
-ran about 31 crops/s.
+ran about 31 crops/s. In bfloat16 (``TrainConfig.cpu_bf16``, on a CPU that computes it
+natively, as this one does) the default network ran 26 crops/s against 16 in float32 in
+the same run, with 0.9 GB peak RSS and inference 1.8 times as fast.
 """
 
 from __future__ import annotations

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import random
 from collections.abc import Callable, Sequence
@@ -11,7 +12,7 @@ from typing import TypeVar
 import numpy as np
 from tqdm.auto import tqdm
 
-__all__ = ["parallel_map", "pick_device", "set_seed"]
+__all__ = ["cpu_bf16_native", "parallel_map", "pick_device", "set_seed"]
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -74,6 +75,41 @@ def pick_device(preference: str = "auto", *, verbose: bool = True):
         else:
             print(f"Using the CPU ({torch.get_num_threads()} threads)")
     return device
+
+
+#: CPU flags (Linux ``/proc/cpuinfo``) of instructions that compute bfloat16 natively.
+BF16_FLAGS = ("avx512_bf16", "amx_bf16")
+
+
+@functools.cache
+def _cpuinfo() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            return f.read()
+    except OSError:
+        return ""
+
+
+def cpu_bf16_native(cpuinfo: str | None = None) -> bool:
+    """Whether this CPU computes bfloat16 natively (AVX512-BF16 or AMX), so that
+    bfloat16 autocast speeds a network up rather than slowing it down (emulated).
+
+    Parameters
+    ----------
+    cpuinfo : str, optional
+        Text in the format of Linux's ``/proc/cpuinfo``; default this machine's (empty,
+        so ``False``, where there is none, as on macOS and Windows).
+
+    Returns
+    -------
+    bool
+    """
+    text = _cpuinfo() if cpuinfo is None else cpuinfo
+    for line in text.splitlines():
+        key, sep, value = line.partition(":")
+        if sep and key.strip() == "flags" and set(value.split()) & set(BF16_FLAGS):
+            return True
+    return False
 
 
 def parallel_map(

@@ -47,11 +47,12 @@ def test_cli_train_and_predict_own_images(tmp_path, capsys):
     out = tmp_path / "runs" / "mine.pt"
     args = ["train", "--images", str(images), "--scribbles", str(scribbles)]
     args += ["--scribble-format", "napari", "--profile", "smoke", "--out", str(out), "--quiet"]
-    smooth = ["--affinity", "1.5", "--affinity-sigma", "0.05", "--dice", "0.5"]
+    smooth = ["--affinity", "1.5", "--affinity-sigma", "0.05", "--dice", "0.5", "--cpu-bf16"]
     assert main([*args, "--epochs", "2", "--device", "cpu", *smooth]) == 0
     assert out.is_file() and out.with_name("mine.state.pt").is_file()
     config = load_model(out)[1]["config"]
     assert (config["affinity"], config["affinity_sigma"], config["dice"]) == (1.5, 0.05, 0.5)
+    assert config["cpu_bf16"] is True
     assert main([*args, "--epochs", "3", "--device", "cpu", "--resume"]) == 0
     assert "resumed from" in capsys.readouterr().out
     history = (tmp_path / "runs" / "mine.history.csv").read_text().splitlines()

@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from s2l_core.infer import predict_foreground
+from s2l_core.infer import autocast_context, predict_foreground
 from s2l_core.model import UNet
 from s2l_core.predict import auto_scale, object_diameter, predict_image, predict_probability
 
@@ -156,3 +156,22 @@ def test_semantic_mask_with_min_peak_keeps_confident_regions_and_their_holes():
     assert np.array_equal(every > 0, bright | (image == 0.6))
     _, labels = predict_image(_Bright(), image, min_peak=0.99, instances="components")
     assert labels.max() == 1 and not labels[5:25, 35:55].any()
+
+
+def test_cpu_bf16_prediction_is_a_float32_probability_close_to_float32():
+    """bfloat16 autocast on the CPU changes the network's arithmetic, not the result's
+    type or range, and moves probabilities by little (8 bits of mantissa)."""
+    torch.manual_seed(0)
+    model = UNet(base_channels=8, depth=2).eval()
+    image = np.random.default_rng(0).random((3, 40, 52), dtype=np.float32)
+    plain = predict_foreground(model, image)
+    half = predict_foreground(model, image, cpu_bf16=True)
+    assert half.dtype == np.float32 and half.shape == (40, 52)
+    assert 0.0 <= half.min() and half.max() <= 1.0
+    assert not np.array_equal(half, plain)  # bfloat16 did run
+    assert np.abs(half - plain).max() < 0.05
+    x, w = torch.ones(1, 1, 4, 4), torch.ones(1, 1, 3, 3)
+    with autocast_context(torch.device("cpu"), cpu_bf16=True):
+        assert torch.nn.functional.conv2d(x, w).dtype == torch.bfloat16
+    with autocast_context(torch.device("cpu")):  # amp is for CUDA: float32 here
+        assert torch.nn.functional.conv2d(x, w).dtype == torch.float32

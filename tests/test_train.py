@@ -423,3 +423,39 @@ def test_smoke_training_on_real_images(prepared, scribble_set, tmp_path):
     full = load_samples(prepared, train_ids[:1], full_masks=True)
     assert np.isin(full[0].scribble, [0, 1]).all()
     assert np.array_equal(full[0].scribble == 1, prepared.labels(train_ids[0]) > 0)
+
+
+# ----------------------------------------------------------------------------- bfloat16
+
+
+def test_cpu_bf16_trains_in_bfloat16_only_where_the_cpu_has_it(
+    synthetic_samples, monkeypatch, capsys
+):
+    """With ``cpu_bf16`` and a CPU that computes bfloat16 natively, the network's
+    forward pass runs in bfloat16 (its logits come out so), training learns and the same
+    seed gives the same run; on a CPU without it, training stays in float32 and says so."""
+    import s2l_core.train as train_module
+
+    train = synthetic_samples(3)
+    seen = []
+    monkeypatch.setattr(train_module, "cpu_bf16_native", lambda: True)
+    runs = []
+    for _ in range(2):
+        trainer = _trainer(train, cpu_bf16=True, epochs=6)
+        assert trainer.cpu_bf16
+        trainer.model.register_forward_hook(lambda m, i, out: seen.append(out.dtype))
+        runs.append(trainer.fit(progress=False))
+    assert torch.bfloat16 in seen
+    first, second = runs
+    assert np.isfinite(first["loss"]).all() and first["loss"].iloc[-1] < first["loss"].iloc[0]
+    pd.testing.assert_series_equal(first["loss"], second["loss"])  # reproducible
+
+    monkeypatch.setattr(train_module, "cpu_bf16_native", lambda: False)
+    config = TrainConfig(**{**TINY, "cpu_bf16": True})
+    fallback = Trainer(train, config, device="cpu", verbose=True)
+    assert not fallback.cpu_bf16
+    assert "no native bfloat16" in capsys.readouterr().out
+    seen.clear()
+    fallback.model.register_forward_hook(lambda m, i, out: seen.append(out.dtype))
+    fallback.fit(1, progress=False)
+    assert seen and set(seen) == {torch.float32}
