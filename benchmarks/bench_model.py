@@ -5,10 +5,9 @@ configuration's own), this script times the training step of Scribble2Label on a
 forward, cross-entropy loss, backward and a RAdam step (encoder/decoder/head learning
 rates as in training) on a batch of 16 random 256×256 crops, with 2 threads; the
 bfloat16 configuration (``TrainConfig.cpu_bf16``) only on a CPU that computes bfloat16
-natively. It reports
-the median crops per second over the timed steps after warm-up (and the best step, which
-is less affected by other processes), the peak RSS of the process, and the inference time
-per megapixel in eval mode without gradients on a 512×640 image.
+natively. It reports the median crops per second over the timed steps after warm-up (and
+the best step, which is less affected by other processes), the peak RSS of the process,
+and the inference time per megapixel in eval mode without gradients on a 512×640 image.
 
 Run from the repository root::
 

@@ -13,8 +13,8 @@ INTEL = "processor\t: 0\nvendor_id\t: GenuineIntel\nflags\t\t: fpu sse2 avx2 avx
 @pytest.mark.parametrize(
     ("flags", "native"),
     [
-        ("avx512_bf16 avx512_vnni", True),  # Cooper Lake, Zen 4 and later
-        ("amx_tile amx_bf16", True),  # Sapphire Rapids and later
+        ("avx512_bf16 avx512_vnni", True),  # e.g. AMD Zen 4, Intel Cooper Lake
+        ("amx_tile amx_bf16", True),  # e.g. Intel Sapphire Rapids
         ("avx512bw avx512_vnni", False),  # AVX-512 without bfloat16: emulated, slow
         ("", False),
     ],
