@@ -4,8 +4,9 @@ Scores checkpoints on the validation and test splits with the image magnified fo
 network by fixed factors, by ``auto`` (:func:`s2l_core.predict.auto_scale`: small
 nuclei brought towards 40 pixels across, at most 2x) and by ``auto@D`` (towards ``D``
 pixels), with the watershed instances and scores of ``bench_quality.py``, overall and
-per image size, with the median time of the prediction per image. No training: it
-reads checkpoints, e.g. those the quality benchmark writes.
+per image size, with the median time of the prediction per image; ``--min-peaks`` adds
+hysteresis levels and ``--tta off on`` scores without and with test-time augmentation.
+No training: it reads checkpoints, e.g. those the quality benchmark writes.
 
 Usage::
 
@@ -19,6 +20,7 @@ Figures go to ``benchmarks/results/scale_<modality>.json`` and ``.md``.
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import platform
 import shlex
@@ -68,14 +70,15 @@ def parse_min_peak(text: str) -> float | None:
     return None if text == "none" else probability_argument(text)
 
 
-def score_checkpoint(model, device, images, scale, min_peaks=(None,)) -> pd.DataFrame:
+def score_checkpoint(model, device, images, scale, min_peaks=(None,), tta=False) -> pd.DataFrame:
     """Score one checkpoint at one scale, predicting each image once and scoring that
     prediction at every ``min_peak``; one row per image and ``min_peak``, with the scale
     used, the time of the prediction and ``area_ratio``, the predicted foreground's area
-    over the true one's."""
-    kwargs = {"scale": scale}
+    over the true one's. ``tta``: test-time augmentation
+    (:func:`s2l_core.predict.predict_probability`)."""
+    kwargs = {"scale": scale, "tta": tta}
     if isinstance(scale, str) and scale.startswith("auto@"):
-        kwargs = {"scale": "auto", "diameter": float(scale[5:])}
+        kwargs = {"scale": "auto", "diameter": float(scale[5:]), "tta": tta}
     tables = []
     for image_id, image, truth in images:
         start = time.perf_counter()
@@ -87,7 +90,7 @@ def score_checkpoint(model, device, images, scale, min_peaks=(None,)) -> pd.Data
             one = [(image_id, image, truth)]
             row = score_images(lambda _, p=prob: p, one, labels_out=labels, min_peak=peak)
             area = (labels[image_id]["watershed"] > 0).sum() / true_area
-            row = row.assign(predict_s=seconds, scale=str(scale), min_peak=str(peak))
+            row = row.assign(predict_s=seconds, scale=str(scale), min_peak=str(peak), tta=tta)
             tables.append(row.assign(scale_used=chosen, area_ratio=area))
     return pd.concat(tables, ignore_index=True)
 
@@ -105,7 +108,7 @@ def to_markdown(per_image: pd.DataFrame, command: str, modality: str) -> str:
         "area.",
         "",
     ]
-    keys = ["split", "method", "scale", "min_peak"]
+    keys = ["split", "method", "scale", "tta", "min_peak"]
     for split, part in per_image.groupby("split", sort=False):
         table = part.groupby(keys[1:], sort=False).agg(
             **{k: (k, "mean") for k in SHOWN},
@@ -115,7 +118,7 @@ def to_markdown(per_image: pd.DataFrame, command: str, modality: str) -> str:
         title = f"## {split} ({part['image_id'].nunique()} images)"
         lines += [title, "", table.round(3).reset_index().to_markdown(index=False), ""]
         sizes = part.pivot_table(
-            index=["method", "scale", "min_peak"],
+            index=keys[1:],
             columns="size",
             values="iou",
             aggfunc="mean",
@@ -137,6 +140,10 @@ def main(argv: list[str] | None = None) -> None:
         "--min-peaks", nargs="+", type=parse_min_peak, default=[None],
         help="hysteresis levels to score (foreground_to_instances min_peak); 'none' is off",
     )  # fmt: skip
+    parser.add_argument(
+        "--tta", nargs="+", choices=["off", "on"], default=["off"],
+        help="score without ('off') and/or with ('on') test-time augmentation",
+    )  # fmt: skip
     parser.add_argument("--splits", nargs="+", default=["val", "test"], choices=data.SPLITS)
     parser.add_argument("--source", default=str(DEFAULT_MIRROR))
     parser.add_argument("--cache-dir")
@@ -151,13 +158,15 @@ def main(argv: list[str] | None = None) -> None:
         device = next(model.parameters()).device
         for split in args.splits:
             ids = dataset.ids(args.modality, split)[: args.max_images]
-            for scale in args.scales:
+            for scale, tta in itertools.product(args.scales, args.tta):
                 images = dataset_images(dataset, ids)
-                scores = score_checkpoint(model, device, images, scale, args.min_peaks)
+                scores = score_checkpoint(
+                    model, device, images, scale, args.min_peaks, tta=tta == "on"
+                )
                 tables.append(scores.assign(method=name, split=split))
                 for peak, part in scores.groupby("min_peak", sort=False):
                     print(
-                        f"{name:6s} {split:5s} scale {scale!s:5s} min_peak {peak:5s} "
+                        f"{name:6s} {split:5s} scale {scale!s:5s} tta {tta:3s} min_peak {peak:5s} "
                         f"IoU {part['iou'].mean():.4f} AP {part['ap'].mean():.4f}  "
                         f"{part['predict_s'].median():.2f} s/img",
                         flush=True,
@@ -165,7 +174,7 @@ def main(argv: list[str] | None = None) -> None:
     per_image = pd.concat(tables, ignore_index=True).drop(columns="instances")
     command = "python " + " ".join(shlex.quote(a) for a in sys.argv)
     output = args.output or HERE / "results" / f"scale_{args.modality}.json"
-    keys = ["split", "method", "scale", "min_peak"]
+    keys = ["split", "method", "scale", "tta", "min_peak"]
     summary = per_image.groupby(keys, sort=False)[list(SCORES)].mean()
     write_json(
         output,

@@ -148,6 +148,7 @@ def _predict(args: argparse.Namespace) -> int:
         channel=args.channel,
         scale=args.scale,
         min_peak=args.min_peak,
+        tta=args.tta,
     )
     print(f"wrote {len(written)} label images to {args.output_dir}")
     return 0
@@ -284,6 +285,11 @@ def build_parser() -> argparse.ArgumentParser:
         "for networks trained on scribbles, 0.99 drops faint false detections and keeps "
         "the borders of the rest; for one trained on full masks use 0.9 at most; "
         "default: keep all)",
+    )  # fmt: skip
+    pr.add_argument(
+        "--tta", action="store_true",
+        help="test-time augmentation: average the prediction over the eight turns and "
+        "mirror images of each image (eight times slower)",
     )  # fmt: skip
     pr.add_argument("--device", default="auto")
     pr.add_argument("--overwrite", action="store_true")

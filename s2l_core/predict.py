@@ -264,6 +264,7 @@ def predict_probability(
     threshold: float = 0.5,
     tile: int = 1024,
     diameter: float = AUTO_DIAMETER,
+    tta: bool = False,
 ) -> tuple[np.ndarray, float]:
     """Foreground probability of a normalised image at a fixed or automatic scale.
 
@@ -286,6 +287,10 @@ def predict_probability(
         Tile side for large images.
     diameter : float, optional
         Nucleus diameter (pixels) that ``"auto"`` magnifies towards.
+    tta : bool, optional
+        Test-time augmentation: the mean over the eight turns and mirror images
+        (:func:`s2l_core.infer.predict_foreground`), eight times the work. With
+        ``"auto"`` the nuclei are measured on a plain prediction.
 
     Returns
     -------
@@ -299,10 +304,10 @@ def predict_probability(
             raise ValueError(f"scale must be a positive number or 'auto', got {scale!r}")
         prob = predict_foreground(model, image, device=device, tile=tile)
         chosen = auto_scale(prob, threshold=threshold, diameter=diameter)
-        if chosen == 1.0:
+        if chosen == 1.0 and not tta:
             return prob, chosen
         scale = chosen
-    prob = predict_foreground(model, image, device=device, tile=tile, scale=scale)
+    prob = predict_foreground(model, image, device=device, tile=tile, scale=scale, tta=tta)
     return prob, float(scale)
 
 
@@ -318,6 +323,7 @@ def predict_image(
     channel: int | None = None,
     scale: float | str = 1.0,
     min_peak: float | None = None,
+    tta: bool = False,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Predict one raw image: foreground probability and labels.
 
@@ -346,6 +352,8 @@ def predict_image(
     min_peak : float, optional
         Drop regions whose probability never exceeds it (:func:`foreground_to_instances`;
         e.g. :data:`MIN_PEAK`); also applies to the semantic mask.
+    tta : bool, optional
+        Test-time augmentation (:func:`predict_probability`): eight times the work.
 
     Returns
     -------
@@ -356,8 +364,9 @@ def predict_image(
     """
     image = select_channel(image, channel)
     prob, _ = predict_probability(
-        model, normalize_image(image), scale=scale, device=device, threshold=threshold, tile=tile
-    )
+        model, normalize_image(image), scale=scale, device=device, threshold=threshold,
+        tile=tile, tta=tta,
+    )  # fmt: skip
     if instances is None:
         mask = prob > threshold
         if min_peak is not None:  # the regions kept, holes left as they are
@@ -445,6 +454,7 @@ def predict_folder(
     channel: int | None = None,
     scale: float | str = 1.0,
     min_peak: float | None = None,
+    tta: bool = False,
 ) -> list[Path]:
     """Predict every image of a folder into label images with the same names.
 
@@ -476,6 +486,8 @@ def predict_folder(
         Magnification for the network (:func:`predict_probability`).
     min_peak : float, optional
         Drop regions whose probability never exceeds it (:func:`foreground_to_instances`).
+    tta : bool, optional
+        Test-time augmentation (:func:`predict_probability`): eight times the work.
 
     Returns
     -------
@@ -513,6 +525,7 @@ def predict_folder(
                     channel=channel,
                     scale=scale,
                     min_peak=min_peak,
+                    tta=tta,
                 )
             except ValueError as err:  # an image of an unsupported kind: say which
                 raise ValueError(f"{path}: {err}") from err
@@ -535,6 +548,7 @@ def predict_folder(
                 "channel": channel,
                 "scale": scale,
                 "min_peak": min_peak,
+                "tta": tta,
                 "images": [p.name for p in files],
                 "outputs": [p.name for p in written],
             },

@@ -7,8 +7,10 @@ import importlib.util
 import json
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
+import torch
 
 from s2l_core.train import TrainConfig
 
@@ -119,7 +121,7 @@ def test_scale_tables_are_means_per_method_scale_and_size():
                     {"image_id": f"{split}{i}", "size": size, "predict_s": 0.1, "iou": base + bump,
                      "ap": 0.4, "f1": 0.5, "aji": 0.3, "scale_used": 1.0 if scale == "1.0" else 2.0,
                      "area_ratio": 1.0 + bump, "method": "s2l", "split": split, "scale": scale,
-                     "min_peak": "None"}
+                     "tta": False, "min_peak": "None"}
                 )  # fmt: skip
     text = scale_bench.to_markdown(pd.DataFrame(rows), "python bench_scale.py", "fluorescence")
     assert "## val (3 images)" in text and "## test (3 images)" in text
@@ -131,9 +133,37 @@ def test_scale_tables_are_means_per_method_scale_and_size():
     # per split: the overall rows (scale 1, auto), then the per-size rows (scale 1, auto)
     assert len(table) == 8
     overall_auto, sizes_auto = table[1], table[3]
-    assert overall_auto[:3] == ["s2l", "auto", "None"]  # method, scale, min_peak
-    assert float(overall_auto[3]) == pytest.approx(0.8)  # mean of 0.7, 0.9 and 0.8
+    assert overall_auto[:4] == ["s2l", "auto", "False", "None"]  # method, scale, tta, min_peak
+    assert float(overall_auto[4]) == pytest.approx(0.8)  # mean of 0.7, 0.9 and 0.8
     assert float(overall_auto[-2]) == 2.0  # mean scale
     assert float(overall_auto[-1]) == pytest.approx(1.1)  # median area ratio
-    assert [float(c) for c in sizes_auto[3:]] == pytest.approx([0.8, 0.8])
+    assert [float(c) for c in sizes_auto[4:]] == pytest.approx([0.8, 0.8])
     assert "256x256 (2)" in text and "512x640 (1)" in text
+
+
+class _Counting(torch.nn.Module):
+    """Foreground where the first channel is bright; counts its forward passes."""
+
+    size_multiple = 4
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        fg = 20.0 * (x[:, :1] - 0.5)
+        return torch.cat([torch.zeros_like(fg), fg], dim=1)
+
+
+def test_score_checkpoint_predicts_once_per_image_with_or_without_tta():
+    truth = np.zeros((24, 32), np.uint16)
+    truth[4:12, 4:12], truth[14:22, 18:28] = 1, 2
+    image = np.repeat((truth > 0).astype(np.float32)[None], 3, axis=0)
+    images = [("a", image, truth)]
+    for tta, calls in ((False, 1), (True, 8)):
+        model = _Counting()
+        rows = scale_bench.score_checkpoint(model, "cpu", images, 1.0, (None, 0.99), tta=tta)
+        assert model.calls == calls  # one prediction, scored at both min_peak values
+        assert list(rows["tta"]) == [tta, tta] and list(rows["min_peak"]) == ["None", "0.99"]
+        assert rows["iou"].tolist() == pytest.approx([1.0, 1.0])

@@ -9,8 +9,10 @@ import pytest
 import tifffile
 from conftest import synthetic_nuclei
 
+from s2l_core.augment import normalize_image
 from s2l_core.cli import main
 from s2l_core.files import read_image, read_json, write_image
+from s2l_core.infer import predict_foreground
 from s2l_core.predict import load_model
 from s2l_core.scribbles import synthesize_scribbles, to_napari
 
@@ -69,6 +71,15 @@ def test_cli_train_and_predict_own_images(tmp_path, capsys):
     assert main(["predict", str(out), str(images), str(scaled), "--quiet", "--scale", "1.5"]) == 0
     assert read_image(scaled / "cells_2.tif").shape == (80, 100)
     assert json.loads((scaled / "s2l_predict.json").read_text())["scale"] == 1.5
+    augmented = tmp_path / "augmented"
+    args = ["predict", str(out), str(images), str(augmented), "--quiet", "--probability"]
+    assert main([*args, "--tta", "--device", "cpu"]) == 0
+    assert json.loads((augmented / "s2l_predict.json").read_text())["tta"] is True
+    model = load_model(out, "cpu")[0]
+    image = normalize_image(read_image(images / "cells_2.tif"))
+    expected = predict_foreground(model, image, tta=True)
+    assert np.abs(expected - predict_foreground(model, image)).max() > 1e-4
+    np.testing.assert_allclose(read_image(augmented / "cells_2_prob.tif"), expected, atol=1e-6)
     for bad in ("0", "-2", "big", "inf"):
         with pytest.raises(SystemExit):
             main(["predict", str(out), str(images), str(tmp_path / "x"), "--scale", bad])

@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from s2l_core.infer import autocast_context, predict_foreground
+from s2l_core.infer import DIHEDRAL, autocast_context, dihedral, predict_foreground, undo_dihedral
 from s2l_core.model import UNet
 from s2l_core.predict import auto_scale, object_diameter, predict_image, predict_probability
 
@@ -175,3 +175,85 @@ def test_cpu_bf16_prediction_is_a_float32_probability_close_to_float32():
         assert torch.nn.functional.conv2d(x, w).dtype == torch.bfloat16
     with autocast_context(torch.device("cpu")):  # amp is for CUDA: float32 here
         assert torch.nn.functional.conv2d(x, w).dtype == torch.float32
+
+
+# --------------------------------------------------------------------------- test-time augmentation
+
+
+def test_dihedral_gives_eight_different_views_each_undone_exactly():
+    array = np.arange(2 * 3 * 5).reshape(2, 3, 5)
+    views = [dihedral(array, turns, mirrored) for turns, mirrored in DIHEDRAL]
+    assert len({v.tobytes() + bytes(v.shape) for v in views}) == 8
+    assert sum(v.shape == (2, 5, 3) for v in views) == 4  # odd turns swap the sides
+    for (turns, mirrored), view in zip(DIHEDRAL, views, strict=True):
+        np.testing.assert_array_equal(undo_dihedral(view, turns, mirrored), array)
+    # by hand: a quarter turn counter-clockwise puts the last column on top
+    np.testing.assert_array_equal(dihedral(np.array([[1, 2], [3, 4]]), 1, False), [[2, 4], [1, 3]])
+    np.testing.assert_array_equal(dihedral(np.array([[1, 2], [3, 4]]), 0, True), [[2, 1], [4, 3]])
+
+
+def test_tta_of_a_pixelwise_network_is_the_plain_prediction():
+    """A network that looks at each pixel alone sees every view alike, so each view turned
+    back must land exactly on the plain prediction: any mistake in undoing a view moves
+    the off-centre block of this non-square image."""
+    model = _Bright()
+    image = _block(28, 44)
+    image[:, 2:5, 30:41] = 1.0
+    plain = predict_foreground(model, image)
+    model.seen.clear()
+    averaged = predict_foreground(model, image, tta=True)
+    assert averaged.shape == (28, 44) and averaged.dtype == np.float32
+    np.testing.assert_allclose(averaged, plain, atol=1e-6)
+    assert sorted(model.seen) == [(28, 44)] * 4 + [(44, 28)] * 4
+
+
+class _Marker(nn.Module):
+    """Foreground at one pixel of whatever it is shown: row 0, column 1."""
+
+    size_multiple = 1
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        fg = torch.full_like(x[:, :1], -30.0)
+        fg[..., 0, 1] = 30.0
+        return torch.cat([torch.zeros_like(fg), fg], dim=1)
+
+
+def test_tta_averages_the_eight_views():
+    """The marker pixel, seen through the eight views of a 6x6 image, comes back as the
+    eight pixels of its orbit under the square's symmetries, each with 1/8."""
+    prob = predict_foreground(_Marker(), np.zeros((3, 6, 6), np.float32), tta=True)
+    orbit = [(0, 1), (1, 0), (0, 4), (1, 5), (5, 1), (4, 0), (5, 4), (4, 5)]
+    expected = np.zeros((6, 6))
+    for y, x in orbit:
+        expected[y, x] = 1 / 8
+    np.testing.assert_allclose(prob, expected, atol=1e-6)
+
+
+def test_tta_prediction_turns_with_the_image():
+    """Averaged over all eight views, any network's prediction of a turned or mirrored
+    image is the turned or mirrored prediction (sides a multiple of the network's, so
+    that no padding breaks the symmetry)."""
+    torch.manual_seed(0)
+    net = UNet(base_channels=8, depth=2).eval()
+    image = np.random.default_rng(1).random((3, 32, 48), dtype=np.float32)
+    base = predict_foreground(net, image, tta=True)
+    assert np.abs(base - predict_foreground(net, image)).max() > 1e-3  # TTA did change it
+    for turns, mirrored in DIHEDRAL[1:]:
+        view = np.ascontiguousarray(dihedral(image, turns, mirrored))
+        turned = predict_foreground(net, view, tta=True)
+        np.testing.assert_allclose(turned, dihedral(base, turns, mirrored), atol=1e-5)
+
+
+def test_tta_with_scale_and_auto():
+    model = _Bright()
+    predict_foreground(model, _block(30, 45), scale=1.5, tta=True)
+    assert sorted(model.seen) == [(48, 68)] * 4 + [(68, 48)] * 4
+    small = np.repeat(_disc(5.0, (64, 64))[None], 3, axis=0)
+    model = _Bright()
+    prob, used = predict_probability(model, small, scale="auto", tta=True)
+    assert used == 2.0 and model.seen == [(64, 64)] + [(128, 128)] * 8  # measured once, plain
+    np.testing.assert_array_equal(prob > 0.5, small[0] > 0.5)
+    large = np.repeat(_disc(25.0, (64, 64))[None], 3, axis=0)
+    model = _Bright()
+    _, used = predict_probability(model, large, scale="auto", tta=True)
+    assert used == 1.0 and model.seen == [(64, 64)] * 9
