@@ -76,13 +76,13 @@ def score_checkpoint(model, device, images, scale, min_peaks=(None,), tta=False)
     used, the time of the prediction and ``area_ratio``, the predicted foreground's area
     over the true one's. ``tta``: test-time augmentation
     (:func:`s2l_core.predict.predict_probability`)."""
-    kwargs = {"scale": scale, "tta": tta}
+    kwargs = {"scale": scale}
     if isinstance(scale, str) and scale.startswith("auto@"):
-        kwargs = {"scale": "auto", "diameter": float(scale[5:]), "tta": tta}
+        kwargs = {"scale": "auto", "diameter": float(scale[5:])}
     tables = []
     for image_id, image, truth in images:
         start = time.perf_counter()
-        prob, chosen = predict_probability(model, image, device=device, **kwargs)
+        prob, chosen = predict_probability(model, image, device=device, tta=tta, **kwargs)
         seconds = time.perf_counter() - start
         true_area = max(int((truth > 0).sum()), 1)
         for peak in min_peaks:

@@ -132,24 +132,23 @@ def predict_foreground(
         device=device, tile=tile, overlap=overlap, amp=amp, channels_last=channels_last,
         cpu_bf16=cpu_bf16,
     )  # fmt: skip
-    if tta:
-        total = np.zeros(image.shape[-2:], dtype=np.float64)
-        for turns, mirrored in DIHEDRAL:
-            view = dihedral(image, turns, mirrored)
-            prob = predict_foreground(model, view, scale=scale, **options)
-            total += undo_dihedral(prob, turns, mirrored)
-        return (total / len(DIHEDRAL)).astype(np.float32)
-    if scale != 1.0:
+    if scale != 1.0:  # resampled once; the views of ``tta`` are taken of the result
         h, w = image.shape[-2:]
         x = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))[None]
         size = (max(1, round(h * scale)), max(1, round(w * scale)))
         x = F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=scale < 1)
-        prob = predict_foreground(model, x[0].numpy(), **options)
+        prob = predict_foreground(model, x[0].numpy(), tta=tta, **options)
         back = F.interpolate(
             torch.from_numpy(prob)[None, None], size=(h, w), mode="bilinear",
             align_corners=False, antialias=scale > 1,
         )  # fmt: skip
         return back[0, 0].clamp_(0.0, 1.0).numpy()  # resampling may step past 1 by a rounding
+    if tta:
+        total = np.zeros(image.shape[-2:], dtype=np.float64)
+        for turns, mirrored in DIHEDRAL:
+            prob = predict_foreground(model, dihedral(image, turns, mirrored), **options)
+            total += undo_dihedral(prob, turns, mirrored)
+        return (total / len(DIHEDRAL)).astype(np.float32)
     device = torch.device(device)
     multiple = int(getattr(model, "size_multiple", 32))
     was_training = model.training
