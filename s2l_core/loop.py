@@ -9,6 +9,10 @@ model is wrong or unsure. Every round keeps its own scribbles and checkpoint::
     work_dir/round_01/model.pt                the weights after the round
     work_dir/round_01/state.pt                the full training state
     work_dir/round_01/history.csv             the round's training history
+
+The predictions take the same options as :func:`s2l_core.predict.predict_folder` and
+``s2l predict``: a magnification (``scale``, ``"auto"`` for small nuclei), test-time
+augmentation (``tta``) and the hysteresis level of the exported labels (``min_peak``).
 """
 
 from __future__ import annotations
@@ -22,8 +26,13 @@ import numpy as np
 
 from s2l_core.augment import normalize_image, select_channel
 from s2l_core.files import IMAGE_SUFFIXES, read_image
-from s2l_core.infer import predict_foreground
-from s2l_core.predict import foreground_to_instances, save_labels, uncertainty
+from s2l_core.predict import (
+    check_scale,
+    foreground_to_instances,
+    predict_probability,
+    save_labels,
+    uncertainty,
+)
 from s2l_core.scribbles import UNLABELLED, save_scribble, validate_scribble
 from s2l_core.train import TrainConfig, Trainer, TrainSample
 
@@ -44,12 +53,16 @@ class Round:
         The weights after the round.
     probabilities : dict of str to numpy.ndarray
         ``(H, W)`` ``float32`` foreground probability of every image.
+    scales : dict of str to float
+        The magnification each image was predicted at (1 unless the loop's ``scale``
+        says otherwise).
     """
 
     number: int
     folder: Path
     checkpoint: Path
     probabilities: dict[str, np.ndarray] = field(repr=False)
+    scales: dict[str, float] = field(default_factory=dict, repr=False)
 
     def uncertainty(self, image_id: str) -> np.ndarray:
         """``(H, W)`` uncertainty of one image (see :func:`uncertainty`)."""
@@ -76,6 +89,22 @@ class AnnotationLoop:
     channel : int, optional
         Work on this channel of multi-channel images
         (:func:`s2l_core.augment.select_channel`), e.g. the nuclear stain.
+    scale : float or "auto", optional
+        Magnification at which every round predicts (:func:`s2l_core.predict.predict_probability`);
+        ``"auto"`` magnifies images of small nuclei, which places their borders better.
+        The probabilities always have the image's own size.
+    tta : bool, optional
+        Test-time augmentation of every round's predictions: eight times the work.
+    min_peak : float, optional
+        :meth:`export_labels` drops regions whose probability never exceeds it
+        (:func:`s2l_core.predict.foreground_to_instances`; e.g.
+        :data:`s2l_core.predict.MIN_PEAK`).
+
+    Raises
+    ------
+    ValueError
+        No image, a channel the images lack, a ``scale`` that is neither ``"auto"`` nor a
+        positive number, or a ``min_peak`` outside [0, 1].
     """
 
     def __init__(
@@ -87,7 +116,15 @@ class AnnotationLoop:
         start_from: str | os.PathLike | None = None,
         device: str = "auto",
         channel: int | None = None,
+        scale: float | str = 1.0,
+        tta: bool = False,
+        min_peak: float | None = None,
     ) -> None:
+        self.scale = check_scale(scale)
+        if min_peak is not None and not 0.0 <= min_peak <= 1.0:
+            raise ValueError(f"min_peak must be a probability in [0, 1] or None, got {min_peak}")
+        self.min_peak = min_peak
+        self.tta = bool(tta)
         if isinstance(images, Mapping):
             images = {str(k): np.asarray(v) for k, v in images.items()}
         else:
@@ -160,18 +197,38 @@ class AnnotationLoop:
         history = trainer.fit(epochs, checkpoint=folder / "state.pt", progress=False)
         history.to_csv(folder / "history.csv", index=False)
         checkpoint = trainer.export(folder / "model.pt", extra={"round": number})
-        probabilities = {
-            k: predict_foreground(trainer.model, v, device=trainer.device)
-            for k, v in self.normalized.items()
-        }
-        result = Round(number, folder, checkpoint, probabilities)
+        probabilities, scales = {}, {}
+        for k, v in self.normalized.items():
+            probabilities[k], scales[k] = predict_probability(
+                trainer.model, v, scale=self.scale, device=trainer.device, tta=self.tta
+            )
+        result = Round(number, folder, checkpoint, probabilities, scales)
         self.rounds.append(result)
         return result
 
     def export_labels(
-        self, out_dir: str | os.PathLike, *, method: str = "watershed", suffix: str = ".tif"
+        self,
+        out_dir: str | os.PathLike,
+        *,
+        method: str = "watershed",
+        suffix: str = ".tif",
+        min_size: int = 16,
     ) -> list[Path]:
         """Write instance label images of the last round (napari / Fiji open them).
+
+        The foreground of each probability is split into nuclei
+        (:func:`s2l_core.predict.foreground_to_instances`, with the loop's ``min_peak``).
+
+        Parameters
+        ----------
+        out_dir : str or os.PathLike
+            Folder for the label images.
+        method : {"watershed", "components"}, optional
+            How to split the foreground into nuclei.
+        suffix : str, optional
+            File type: ``".tif"`` or ``".png"``.
+        min_size : int, optional
+            Smallest nucleus kept (pixels).
 
         Returns
         -------
@@ -184,6 +241,9 @@ class AnnotationLoop:
         written = []
         for name, prob in self.rounds[-1].probabilities.items():
             path = out_dir / f"{name}{suffix}"
-            save_labels(path, foreground_to_instances(prob, method=method))
+            labels = foreground_to_instances(
+                prob, method=method, min_size=min_size, min_peak=self.min_peak
+            )
+            save_labels(path, labels)
             written.append(path)
         return written

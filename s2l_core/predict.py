@@ -35,6 +35,7 @@ __all__ = [
     "MAX_AUTO_SCALE",
     "MIN_PEAK",
     "auto_scale",
+    "check_scale",
     "foreground_to_instances",
     "list_images",
     "load_model",
@@ -255,6 +256,35 @@ def auto_scale(
     return float(np.clip(diameter / measured, 1.0, max_scale))
 
 
+def check_scale(scale: float | str) -> float | str:
+    """Check a ``scale`` option: ``"auto"`` or a positive finite number.
+
+    Parameters
+    ----------
+    scale : float or str
+        The option as given.
+
+    Returns
+    -------
+    float or str
+        ``"auto"``, or the scale as a float.
+
+    Raises
+    ------
+    ValueError
+        If ``scale`` is another string, not a number, or not positive and finite.
+    """
+    if isinstance(scale, str):
+        if scale != "auto":
+            raise ValueError(f"scale must be a positive number or 'auto', got {scale!r}")
+        return scale
+    if isinstance(scale, bool) or not isinstance(scale, (int, float, np.integer, np.floating)):
+        raise ValueError(f"scale must be a positive number or 'auto', got {scale!r}")
+    if not (np.isfinite(scale) and scale > 0):
+        raise ValueError(f"scale must be a positive number or 'auto', got {scale}")
+    return float(scale)
+
+
 def predict_probability(
     model: torch.nn.Module,
     image: np.ndarray,
@@ -298,10 +328,14 @@ def predict_probability(
         ``(H, W)`` ``float32``.
     scale : float
         The scale used.
+
+    Raises
+    ------
+    ValueError
+        If ``scale`` is neither ``"auto"`` nor a positive finite number
+        (:func:`check_scale`), or shrinks the image below one pixel.
     """
-    if isinstance(scale, str):
-        if scale != "auto":
-            raise ValueError(f"scale must be a positive number or 'auto', got {scale!r}")
+    if check_scale(scale) == "auto":
         prob = predict_foreground(model, image, device=device, tile=tile)
         chosen = auto_scale(prob, threshold=threshold, diameter=diameter)
         if chosen == 1.0 and not tta:
@@ -502,6 +536,7 @@ def predict_folder(
     """
     if mode not in ("instance", "semantic"):
         raise ValueError(f"mode must be 'instance' or 'semantic', got {mode!r}")
+    scale = check_scale(scale)  # before any image, so that no image is blamed for it
     files = list_images(input_dir)
     output_dir = Path(output_dir)
     if output_dir.exists() and any(output_dir.iterdir()) and not overwrite:

@@ -9,7 +9,13 @@ from torch import nn
 
 from s2l_core.infer import DIHEDRAL, autocast_context, dihedral, predict_foreground, undo_dihedral
 from s2l_core.model import UNet
-from s2l_core.predict import auto_scale, object_diameter, predict_image, predict_probability
+from s2l_core.predict import (
+    auto_scale,
+    check_scale,
+    object_diameter,
+    predict_image,
+    predict_probability,
+)
 
 
 class _Bright(nn.Module):
@@ -71,6 +77,15 @@ def test_scale_rounds_each_side_and_one_is_the_plain_prediction():
 def test_bad_scale_is_refused(bad):
     with pytest.raises(ValueError, match="scale"):
         predict_foreground(_Bright(), _block(), scale=bad)
+
+
+def test_check_scale_takes_auto_and_positive_numbers():
+    assert check_scale("auto") == "auto"
+    assert check_scale(2) == 2.0 and isinstance(check_scale(2), float)
+    assert check_scale(np.float32(0.5)) == 0.5
+    for bad in (0, -1.0, float("nan"), float("inf"), True, "2", "Auto", None):
+        with pytest.raises(ValueError, match="scale must be a positive number or 'auto'"):
+            check_scale(bad)
 
 
 # --------------------------------------------------------------------------- auto scale

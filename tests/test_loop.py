@@ -9,7 +9,9 @@ from conftest import synthetic_nuclei
 
 from s2l_core.augment import AugmentConfig
 from s2l_core.files import read_image
-from s2l_core.loop import AnnotationLoop, uncertainty
+from s2l_core.infer import predict_foreground
+from s2l_core.loop import AnnotationLoop, Round, uncertainty
+from s2l_core.predict import load_model
 from s2l_core.scribbles import UNLABELLED, read_scribble, synthesize_scribbles
 from s2l_core.train import TrainConfig, load_checkpoint
 
@@ -73,3 +75,58 @@ def test_loop_errors(tmp_path):
         loop.export_labels(tmp_path / "out")
     with pytest.raises(FileNotFoundError, match="image folder not found"):
         AnnotationLoop(tmp_path / "nope", tmp_path)
+
+
+def test_rounds_predict_with_the_loops_scale_and_tta(tmp_path):
+    image, labels = synthetic_nuclei(0, (64, 80))
+    scribbles = {"a": synthesize_scribbles(labels, 0.3, seed=0).scribble}
+    plain = AnnotationLoop({"a": image}, tmp_path / "plain", config=SMALL, device="cpu")
+    assert plain.run_round(scribbles, epochs=1).scales == {"a": 1.0}
+    loop = AnnotationLoop(
+        {"a": image}, tmp_path / "work", config=SMALL, device="cpu", scale=2, tta=True
+    )
+    round_ = loop.run_round(scribbles, epochs=1)
+    assert round_.scales == {"a": 2.0}
+    model, _ = load_model(round_.checkpoint, "cpu")
+    x = loop.normalized["a"]
+    expected = predict_foreground(model, x, scale=2.0, tta=True)
+    np.testing.assert_allclose(round_.probabilities["a"], expected, atol=1e-5)
+    assert not np.allclose(expected, predict_foreground(model, x, scale=2.0), atol=1e-3)
+    auto = AnnotationLoop({"a": image}, tmp_path / "auto", config=SMALL, device="cpu", scale="auto")
+    assert 1.0 <= auto.run_round(scribbles, epochs=1).scales["a"] <= 2.0
+
+
+def _two_blobs() -> np.ndarray:
+    """A confident square (peak 0.995), a faint one (0.9) and a tiny confident one (9 px)."""
+    prob = np.zeros((40, 70), np.float32)
+    prob[5:20, 5:20] = 0.995
+    prob[5:20, 30:45] = 0.9
+    prob[30:33, 60:63] = 0.995
+    return prob
+
+
+@pytest.mark.parametrize(
+    ("min_peak", "min_size", "expected"),
+    [(None, 16, [225, 225]), (0.99, 16, [225]), (0.99, 4, [225, 9]), (None, 1, [225, 225, 9])],
+)
+def test_export_labels_applies_min_peak_and_min_size(tmp_path, min_peak, min_size, expected):
+    loop = AnnotationLoop(
+        {"a": np.zeros((40, 70), np.uint8)}, tmp_path, config=SMALL, min_peak=min_peak
+    )
+    loop.rounds.append(Round(1, tmp_path, tmp_path / "model.pt", {"a": _two_blobs()}))
+    (path,) = loop.export_labels(tmp_path / "labels", method="components", min_size=min_size)
+    labels = read_image(path)
+    assert sorted(np.bincount(labels.ravel())[1:], reverse=True) == expected
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"scale": "big"}, "scale must be a positive number or 'auto', got 'big'"),
+        ({"scale": 0}, "scale must be a positive number or 'auto', got 0"),
+        ({"min_peak": 1.5}, r"min_peak must be a probability in \[0, 1\] or None, got 1.5"),
+    ],
+)
+def test_loop_refuses_bad_prediction_options(tmp_path, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        AnnotationLoop({"a": np.zeros((8, 8), np.uint8)}, tmp_path, config=SMALL, **kwargs)

@@ -344,6 +344,10 @@ def test_predict_folder_errors_leave_no_partial_output(tiny_checkpoint, tmp_path
     with pytest.raises(ValueError, match=r"c\.tif: expected an image of shape .* --channel"):
         predict_folder(tiny_checkpoint, src, tmp_path / "out3", progress=False, device="cpu")
     assert not (tmp_path / "out3").exists()
+    # A bad scale is refused before any image is read, and no image is blamed for it.
+    with pytest.raises(ValueError, match=r"^scale must be a positive number or 'auto', got 'x2'"):
+        predict_folder(tiny_checkpoint, src, tmp_path / "out4", progress=False, scale="x2")
+    assert not (tmp_path / "out4").exists()
 
 
 def test_loaded_model_predicts_like_the_trainer(synthetic_samples, tmp_path):
