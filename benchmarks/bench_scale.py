@@ -5,7 +5,8 @@ network by fixed factors, by ``auto`` (:func:`s2l_core.predict.auto_scale`: smal
 nuclei brought towards 40 pixels across, at most 2x) and by ``auto@D`` (towards ``D``
 pixels), with the watershed instances and scores of ``bench_quality.py``, overall and
 per image size, with the median time of the prediction per image; ``--min-peaks`` adds
-hysteresis levels and ``--tta off on`` scores without and with test-time augmentation.
+hysteresis levels, ``--min-sizes`` smallest object sizes, and ``--tta off on`` scores
+without and with test-time augmentation.
 No training: it reads checkpoints, e.g. those the quality benchmark writes.
 
 Usage::
@@ -70,11 +71,26 @@ def parse_min_peak(text: str) -> float | None:
     return None if text == "none" else probability_argument(text)
 
 
-def score_checkpoint(model, device, images, scale, min_peaks=(None,), tta=False) -> pd.DataFrame:
+def parse_min_size(text: str) -> int:
+    """A ``--min-sizes`` value: ``s2l predict --min-size``'s (pixels), at least 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected a whole number of pixels, got {text!r}"
+        ) from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {text!r}")
+    return value
+
+
+def score_checkpoint(
+    model, device, images, scale, min_peaks=(None,), tta=False, min_sizes=(16,)
+) -> pd.DataFrame:
     """Score one checkpoint at one scale, predicting each image once and scoring that
-    prediction at every ``min_peak``; one row per image and ``min_peak``, with the scale
-    used, the time of the prediction and ``area_ratio``, the predicted foreground's area
-    over the true one's. ``tta``: test-time augmentation
+    prediction at every ``min_peak`` and ``min_size``; one row per image, ``min_peak`` and
+    ``min_size``, with the scale used, the time of the prediction and ``area_ratio``, the
+    predicted foreground's area over the true one's. ``tta``: test-time augmentation
     (:func:`s2l_core.predict.predict_probability`)."""
     kwargs = {"scale": scale}
     if isinstance(scale, str) and scale.startswith("auto@"):
@@ -85,12 +101,15 @@ def score_checkpoint(model, device, images, scale, min_peaks=(None,), tta=False)
         prob, chosen = predict_probability(model, image, device=device, tta=tta, **kwargs)
         seconds = time.perf_counter() - start
         true_area = max(int((truth > 0).sum()), 1)
-        for peak in min_peaks:
+        for peak, size in itertools.product(min_peaks, min_sizes):
             labels = {}
             one = [(image_id, image, truth)]
-            row = score_images(lambda _, p=prob: p, one, labels_out=labels, min_peak=peak)
+            row = score_images(
+                lambda _, p=prob: p, one, labels_out=labels, min_peak=peak, min_size=size
+            )
             area = (labels[image_id]["watershed"] > 0).sum() / true_area
             row = row.assign(predict_s=seconds, scale=str(scale), min_peak=str(peak), tta=tta)
+            row = row.assign(min_size=size)
             tables.append(row.assign(scale_used=chosen, area_ratio=area))
     return pd.concat(tables, ignore_index=True)
 
@@ -108,7 +127,7 @@ def to_markdown(per_image: pd.DataFrame, command: str, modality: str) -> str:
         "area.",
         "",
     ]
-    keys = ["split", "method", "scale", "tta", "min_peak"]
+    keys = ["split", "method", "scale", "tta", "min_peak", "min_size"]
     for split, part in per_image.groupby("split", sort=False):
         table = part.groupby(keys[1:], sort=False).agg(
             **{k: (k, "mean") for k in SHOWN},
@@ -141,6 +160,10 @@ def main(argv: list[str] | None = None) -> None:
         help="hysteresis levels to score (foreground_to_instances min_peak); 'none' is off",
     )  # fmt: skip
     parser.add_argument(
+        "--min-sizes", nargs="+", type=parse_min_size, default=[16],
+        help="smallest objects kept, in pixels, to score (foreground_to_instances min_size)",
+    )  # fmt: skip
+    parser.add_argument(
         "--tta", nargs="+", choices=["off", "on"], default=["off"],
         help="score without ('off') and/or with ('on') test-time augmentation",
     )  # fmt: skip
@@ -161,12 +184,14 @@ def main(argv: list[str] | None = None) -> None:
             for scale, tta in itertools.product(args.scales, args.tta):
                 images = dataset_images(dataset, ids)
                 scores = score_checkpoint(
-                    model, device, images, scale, args.min_peaks, tta=tta == "on"
-                )
+                    model, device, images, scale, args.min_peaks, tta=tta == "on",
+                    min_sizes=args.min_sizes,
+                )  # fmt: skip
                 tables.append(scores.assign(method=name, split=split))
-                for peak, part in scores.groupby("min_peak", sort=False):
+                for (peak, size), part in scores.groupby(["min_peak", "min_size"], sort=False):
                     print(
                         f"{name:6s} {split:5s} scale {scale!s:5s} tta {tta:3s} min_peak {peak:5s} "
+                        f"min_size {size:3d} "
                         f"IoU {part['iou'].mean():.4f} AP {part['ap'].mean():.4f}  "
                         f"{part['predict_s'].median():.2f} s/img",
                         flush=True,
@@ -174,7 +199,7 @@ def main(argv: list[str] | None = None) -> None:
     per_image = pd.concat(tables, ignore_index=True).drop(columns="instances")
     command = "python " + " ".join(shlex.quote(a) for a in sys.argv)
     output = args.output or HERE / "results" / f"scale_{args.modality}.json"
-    keys = ["split", "method", "scale", "tta", "min_peak"]
+    keys = ["split", "method", "scale", "tta", "min_peak", "min_size"]
     summary = per_image.groupby(keys, sort=False)[list(SCORES)].mean()
     write_json(
         output,

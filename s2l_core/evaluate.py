@@ -52,6 +52,7 @@ def score_images(
     instances: Sequence[str] = ("watershed",),
     threshold: float = 0.5,
     min_peak: float | None = None,
+    min_size: int = 16,
     labels_out: dict | None = None,
     progress: bool = False,
 ) -> pd.DataFrame:
@@ -73,6 +74,8 @@ def score_images(
     min_peak : float, optional
         Drop regions whose probability never exceeds it
         (:func:`s2l_core.predict.foreground_to_instances`).
+    min_size : int, optional
+        Smallest object kept, in pixels.
     labels_out : dict, optional
         If given, receives ``labels_out[image_id][method]``: the predicted instance labels.
     progress : bool, optional
@@ -102,7 +105,7 @@ def score_images(
             )
         for method in instances:
             labels = foreground_to_instances(
-                prob, threshold=threshold, method=method, min_peak=min_peak
+                prob, threshold=threshold, method=method, min_peak=min_peak, min_size=min_size
             )
             scores = evaluate_image(labels, truth)
             rows.append(

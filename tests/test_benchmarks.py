@@ -105,6 +105,10 @@ def test_scale_arguments_are_checked():
     for bad in ("1.5", "-0.1", "high"):
         with pytest.raises(argparse.ArgumentTypeError):
             scale_bench.parse_min_peak(bad)
+    assert scale_bench.parse_min_size("24") == 24
+    for bad in ("0", "-3", "2.5", "big"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            scale_bench.parse_min_size(bad)
     assert scale_bench.parse_checkpoint("s2l=a/b.pt") == ("s2l", Path("a/b.pt"))
     for bad in ("a/b.pt", "=a.pt", "s2l="):
         with pytest.raises(argparse.ArgumentTypeError):
@@ -121,7 +125,7 @@ def test_scale_tables_are_means_per_method_scale_and_size():
                     {"image_id": f"{split}{i}", "size": size, "predict_s": 0.1, "iou": base + bump,
                      "ap": 0.4, "f1": 0.5, "aji": 0.3, "scale_used": 1.0 if scale == "1.0" else 2.0,
                      "area_ratio": 1.0 + bump, "method": "s2l", "split": split, "scale": scale,
-                     "tta": False, "min_peak": "None"}
+                     "tta": False, "min_peak": "None", "min_size": 16}
                 )  # fmt: skip
     text = scale_bench.to_markdown(pd.DataFrame(rows), "python bench_scale.py", "fluorescence")
     assert "## val (3 images)" in text and "## test (3 images)" in text
@@ -133,11 +137,12 @@ def test_scale_tables_are_means_per_method_scale_and_size():
     # per split: the overall rows (scale 1, auto), then the per-size rows (scale 1, auto)
     assert len(table) == 8
     overall_auto, sizes_auto = table[1], table[3]
-    assert overall_auto[:4] == ["s2l", "auto", "False", "None"]  # method, scale, tta, min_peak
-    assert float(overall_auto[4]) == pytest.approx(0.8)  # mean of 0.7, 0.9 and 0.8
+    # method, scale, tta, min_peak, min_size
+    assert overall_auto[:5] == ["s2l", "auto", "False", "None", "16"]
+    assert float(overall_auto[5]) == pytest.approx(0.8)  # mean of 0.7, 0.9 and 0.8
     assert float(overall_auto[-2]) == 2.0  # mean scale
     assert float(overall_auto[-1]) == pytest.approx(1.1)  # median area ratio
-    assert [float(c) for c in sizes_auto[4:]] == pytest.approx([0.8, 0.8])
+    assert [float(c) for c in sizes_auto[5:]] == pytest.approx([0.8, 0.8])
     assert "256x256 (2)" in text and "512x640 (1)" in text
 
 
@@ -167,3 +172,19 @@ def test_score_checkpoint_predicts_once_per_image_with_or_without_tta():
         assert model.calls == calls  # one prediction, scored at both min_peak values
         assert list(rows["tta"]) == [tta, tta] and list(rows["min_peak"]) == ["None", "0.99"]
         assert rows["iou"].tolist() == pytest.approx([1.0, 1.0])
+
+
+def test_score_checkpoint_scores_every_min_size_of_one_prediction():
+    """Truth objects of 64 and 80 pixels: at min_size 70 the first is dropped."""
+    truth = np.zeros((24, 32), np.uint16)
+    truth[4:12, 4:12], truth[14:22, 18:28] = 1, 2
+    image = np.repeat((truth > 0).astype(np.float32)[None], 3, axis=0)
+    model = _Counting()
+    rows = scale_bench.score_checkpoint(
+        model, "cpu", [("a", image, truth)], 1.0, (None, 0.99), min_sizes=(16, 70)
+    )
+    assert model.calls == 1
+    assert list(zip(rows["min_peak"], rows["min_size"], strict=True)) == [
+        ("None", 16), ("None", 70), ("0.99", 16), ("0.99", 70)
+    ]  # fmt: skip
+    assert rows["iou"].tolist() == pytest.approx([1.0, 80 / 144, 1.0, 80 / 144])

@@ -49,6 +49,19 @@ def test_perfect_and_empty_predictions_score_as_expected():
     assert overall["images"].item() == 4
 
 
+def test_min_size_drops_small_predicted_objects():
+    """Truth: two 100-pixel squares. The prediction adds a 9-pixel speck: kept at
+    min_size 9, it costs foreground IoU 200 / 209; dropped at 10, the IoU is 1."""
+    truth = _truth()
+    prob = (truth > 0).astype(np.float32)
+    prob[34:37, 50:53] = 1.0
+    image = [("a", np.zeros((3, 40, 60), np.float32), truth)]
+    kept = score_images(lambda x: prob, image, min_size=9)
+    dropped = score_images(lambda x: prob, image, min_size=10)
+    assert kept["iou"].item() == pytest.approx(200 / 209)
+    assert dropped["iou"].item() == pytest.approx(1.0)
+
+
 def test_errors_name_the_problem():
     truth = _truth()
     image = [("a", np.zeros((3, 40, 60), np.float32), truth)]
