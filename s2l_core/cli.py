@@ -267,7 +267,11 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--mode", default="instance", choices=["instance", "semantic"])
     pr.add_argument("--method", default="watershed", choices=["watershed", "components"])
     pr.add_argument("--threshold", type=float, default=0.5)
-    pr.add_argument("--min-size", type=int, default=16, help="smallest object kept (pixels)")
+    pr.add_argument(
+        "--min-size", type=int, default=16,
+        help="smallest object kept, in pixels (default 16; 24 scored best on BBBC038 "
+        "fluorescence nuclei)",
+    )  # fmt: skip
     pr.add_argument("--format", choices=[".tif", ".png"], help="output format")
     pr.add_argument("--probability", action="store_true", help="also write *_prob.tif")
     pr.add_argument(
