@@ -80,6 +80,7 @@ def predict_foreground(
     scale: float = 1.0,
     cpu_bf16: bool = False,
     tta: bool = False,
+    identity: np.ndarray | None = None,
 ) -> np.ndarray:
     """Foreground probability of a whole normalised image.
 
@@ -115,6 +116,10 @@ def predict_foreground(
         :func:`s2l_core.runtime.cpu_bf16_native`).
     tta : bool, optional
         Average over the eight symmetries of the square.
+    identity : numpy.ndarray, optional
+        With ``tta`` at scale 1 only: the plain prediction of ``image`` with the same
+        options, already made (e.g. to measure the nuclei); it serves as the first view
+        instead of being predicted again.
 
     Returns
     -------
@@ -125,9 +130,17 @@ def predict_foreground(
     ------
     ValueError
         If ``scale`` is not a positive finite number, or shrinks the image below one
-        pixel.
+        pixel; or ``identity`` is given without ``tta``, at a scale other than 1, or
+        with a shape other than the image's.
     """
     scale = _check_scale(scale, image.shape[-2:])
+    if identity is not None:
+        if not tta or scale != 1.0:
+            raise ValueError("identity is the plain view of tta at scale 1; it needs both")
+        if identity.shape != image.shape[-2:]:
+            raise ValueError(
+                f"identity has shape {identity.shape}, the image {tuple(image.shape[-2:])}"
+            )
     options = dict(
         device=device, tile=tile, overlap=overlap, amp=amp, channels_last=channels_last,
         cpu_bf16=cpu_bf16,
@@ -146,7 +159,10 @@ def predict_foreground(
     if tta:
         total = np.zeros(image.shape[-2:], dtype=np.float64)
         for turns, mirrored in DIHEDRAL:
-            prob = predict_foreground(model, dihedral(image, turns, mirrored), **options)
+            if identity is not None and (turns, mirrored) == (0, False):
+                prob = identity
+            else:
+                prob = predict_foreground(model, dihedral(image, turns, mirrored), **options)
             total += undo_dihedral(prob, turns, mirrored)
         return (total / len(DIHEDRAL)).astype(np.float32)
     device = torch.device(device)

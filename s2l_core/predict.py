@@ -320,7 +320,8 @@ def predict_probability(
     tta : bool, optional
         Test-time augmentation: the mean over the eight turns and mirror images
         (:func:`s2l_core.infer.predict_foreground`), eight times the work. With
-        ``"auto"`` the nuclei are measured on a plain prediction.
+        ``"auto"`` the nuclei are measured on a plain prediction, which is reused as the
+        first of the eight views when the scale stays 1.
 
     Returns
     -------
@@ -338,7 +339,11 @@ def predict_probability(
     if check_scale(scale) == "auto":
         prob = predict_foreground(model, image, device=device, tile=tile)
         chosen = auto_scale(prob, threshold=threshold, diameter=diameter)
-        if chosen == 1.0 and not tta:
+        if chosen == 1.0:  # with tta, the plain pass is its first view
+            if tta:
+                prob = predict_foreground(
+                    model, image, device=device, tile=tile, tta=True, identity=prob
+                )
             return prob, chosen
         scale = chosen
     prob = predict_foreground(model, image, device=device, tile=tile, scale=scale, tta=tta)

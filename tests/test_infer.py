@@ -270,5 +270,25 @@ def test_tta_with_scale_and_auto():
     np.testing.assert_array_equal(prob > 0.5, small[0] > 0.5)
     large = np.repeat(_disc(25.0, (64, 64))[None], 3, axis=0)
     model = _Bright()
-    _, used = predict_probability(model, large, scale="auto", tta=True)
-    assert used == 1.0 and model.seen == [(64, 64)] * 9
+    prob, used = predict_probability(model, large, scale="auto", tta=True)
+    assert used == 1.0 and model.seen == [(64, 64)] * 8  # the measuring pass is a view
+    np.testing.assert_array_equal(prob, predict_foreground(_Bright(), large, tta=True))
+
+
+def test_tta_reuses_a_given_identity_view_and_checks_it():
+    torch.manual_seed(0)
+    net = UNet(base_channels=8, depth=2).eval()
+    image = np.random.default_rng(1).random((3, 40, 56)).astype(np.float32)
+    plain = predict_foreground(net, image)
+    np.testing.assert_array_equal(
+        predict_foreground(net, image, tta=True, identity=plain),
+        predict_foreground(net, image, tta=True),
+    )
+    model = _Bright()
+    predict_foreground(model, image, tta=True, identity=np.zeros((40, 56), np.float32))
+    assert len(model.seen) == 7
+    for kwargs in ({}, {"tta": True, "scale": 2.0}):
+        with pytest.raises(ValueError, match="needs both"):
+            predict_foreground(_Bright(), image, identity=plain, **kwargs)
+    with pytest.raises(ValueError, match=r"identity has shape \(40, 55\)"):
+        predict_foreground(_Bright(), image, tta=True, identity=plain[:, :55])
