@@ -27,6 +27,7 @@ import numpy as np
 from s2l_core.augment import normalize_image, select_channel
 from s2l_core.files import IMAGE_SUFFIXES, read_image
 from s2l_core.predict import (
+    check_min_peak,
     check_scale,
     foreground_to_instances,
     predict_probability,
@@ -121,9 +122,7 @@ class AnnotationLoop:
         min_peak: float | None = None,
     ) -> None:
         self.scale = check_scale(scale)
-        if min_peak is not None and not 0.0 <= min_peak <= 1.0:
-            raise ValueError(f"min_peak must be a probability in [0, 1] or None, got {min_peak}")
-        self.min_peak = min_peak
+        self.min_peak = check_min_peak(min_peak)
         self.tta = bool(tta)
         if isinstance(images, Mapping):
             images = {str(k): np.asarray(v) for k, v in images.items()}

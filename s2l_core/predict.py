@@ -35,6 +35,7 @@ __all__ = [
     "MAX_AUTO_SCALE",
     "MIN_PEAK",
     "auto_scale",
+    "check_min_peak",
     "check_scale",
     "foreground_to_instances",
     "list_images",
@@ -94,6 +95,20 @@ def _drop_small(labels: np.ndarray, min_size: int) -> np.ndarray:
     return np.where(small[labels], 0, labels)
 
 
+def check_min_peak(min_peak: float | None) -> float | None:
+    """Check a ``min_peak`` option (:func:`foreground_to_instances`): ``None`` or a
+    probability in [0, 1]; returned as given.
+
+    Raises
+    ------
+    ValueError
+        If ``min_peak`` is neither ``None`` nor in [0, 1].
+    """
+    if min_peak is not None and not (0.0 <= min_peak <= 1.0):
+        raise ValueError(f"min_peak must be a probability in [0, 1] or None, got {min_peak}")
+    return min_peak
+
+
 def foreground_to_instances(
     prob: np.ndarray,
     *,
@@ -136,8 +151,7 @@ def foreground_to_instances(
         raise ValueError(f"prob must be a 2-D (H, W) map, got shape {prob.shape}")
     if method not in ("watershed", "components"):
         raise ValueError(f"method must be 'watershed' or 'components', got {method!r}")
-    if min_peak is not None and not (0.0 <= min_peak <= 1.0):
-        raise ValueError(f"min_peak must be a probability in [0, 1] or None, got {min_peak}")
+    check_min_peak(min_peak)
     fg = ndi.binary_fill_holes(prob > threshold)
     regions = None  # 8-connected components of fg, once computed
     if min_size > 1 or min_peak is not None:
@@ -541,7 +555,8 @@ def predict_folder(
     """
     if mode not in ("instance", "semantic"):
         raise ValueError(f"mode must be 'instance' or 'semantic', got {mode!r}")
-    scale = check_scale(scale)  # before any image, so that no image is blamed for it
+    scale = check_scale(scale)  # before any image, so that no image is blamed for them
+    check_min_peak(min_peak)
     files = list_images(input_dir)
     output_dir = Path(output_dir)
     if output_dir.exists() and any(output_dir.iterdir()) and not overwrite:

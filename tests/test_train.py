@@ -348,6 +348,9 @@ def test_predict_folder_errors_leave_no_partial_output(tiny_checkpoint, tmp_path
     with pytest.raises(ValueError, match=r"^scale must be a positive number or 'auto', got 'x2'"):
         predict_folder(tiny_checkpoint, src, tmp_path / "out4", progress=False, scale="x2")
     assert not (tmp_path / "out4").exists()
+    with pytest.raises(ValueError, match=r"^min_peak must be a probability in \[0, 1\] or None"):
+        predict_folder(tiny_checkpoint, src, tmp_path / "out5", progress=False, min_peak=1.5)
+    assert not (tmp_path / "out5").exists()
 
 
 def test_loaded_model_predicts_like_the_trainer(synthetic_samples, tmp_path):
