@@ -108,9 +108,11 @@ def score_checkpoint(
                 lambda _, p=prob: p, one, labels_out=labels, min_peak=peak, min_size=size
             )
             area = (labels[image_id]["watershed"] > 0).sum() / true_area
-            row = row.assign(predict_s=seconds, scale=str(scale), min_peak=str(peak), tta=tta)
-            row = row.assign(min_size=size)
-            tables.append(row.assign(scale_used=chosen, area_ratio=area))
+            row = row.assign(
+                predict_s=seconds, scale=str(scale), min_peak=str(peak), tta=tta,
+                min_size=size, scale_used=chosen, area_ratio=area,
+            )  # fmt: skip
+            tables.append(row)
     return pd.concat(tables, ignore_index=True)
 
 

@@ -161,11 +161,16 @@ class _Counting(torch.nn.Module):
         return torch.cat([torch.zeros_like(fg), fg], dim=1)
 
 
-def test_score_checkpoint_predicts_once_per_image_with_or_without_tta():
+def _two_nuclei() -> list[tuple[str, np.ndarray, np.ndarray]]:
+    """One image whose first channel is its truth: nuclei of 64 and 80 pixels."""
     truth = np.zeros((24, 32), np.uint16)
     truth[4:12, 4:12], truth[14:22, 18:28] = 1, 2
     image = np.repeat((truth > 0).astype(np.float32)[None], 3, axis=0)
-    images = [("a", image, truth)]
+    return [("a", image, truth)]
+
+
+def test_score_checkpoint_predicts_once_per_image_with_or_without_tta():
+    images = _two_nuclei()
     for tta, calls in ((False, 1), (True, 8)):
         model = _Counting()
         rows = scale_bench.score_checkpoint(model, "cpu", images, 1.0, (None, 0.99), tta=tta)
@@ -176,12 +181,9 @@ def test_score_checkpoint_predicts_once_per_image_with_or_without_tta():
 
 def test_score_checkpoint_scores_every_min_size_of_one_prediction():
     """Truth objects of 64 and 80 pixels: at min_size 70 the first is dropped."""
-    truth = np.zeros((24, 32), np.uint16)
-    truth[4:12, 4:12], truth[14:22, 18:28] = 1, 2
-    image = np.repeat((truth > 0).astype(np.float32)[None], 3, axis=0)
     model = _Counting()
     rows = scale_bench.score_checkpoint(
-        model, "cpu", [("a", image, truth)], 1.0, (None, 0.99), min_sizes=(16, 70)
+        model, "cpu", _two_nuclei(), 1.0, (None, 0.99), min_sizes=(16, 70)
     )
     assert model.calls == 1
     assert list(zip(rows["min_peak"], rows["min_size"], strict=True)) == [

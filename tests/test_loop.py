@@ -96,7 +96,7 @@ def test_rounds_predict_with_the_loops_scale_and_tta(tmp_path):
     assert 1.0 <= auto.run_round(scribbles, epochs=1).scales["a"] <= 2.0
 
 
-def _two_blobs() -> np.ndarray:
+def _three_squares() -> np.ndarray:
     """A confident square (peak 0.995), a faint one (0.9) and a tiny confident one (9 px)."""
     prob = np.zeros((40, 70), np.float32)
     prob[5:20, 5:20] = 0.995
@@ -113,7 +113,7 @@ def test_export_labels_applies_min_peak_and_min_size(tmp_path, min_peak, min_siz
     loop = AnnotationLoop(
         {"a": np.zeros((40, 70), np.uint8)}, tmp_path, config=SMALL, min_peak=min_peak
     )
-    loop.rounds.append(Round(1, tmp_path, tmp_path / "model.pt", {"a": _two_blobs()}))
+    loop.rounds.append(Round(1, tmp_path, tmp_path / "model.pt", {"a": _three_squares()}))
     (path,) = loop.export_labels(tmp_path / "labels", method="components", min_size=min_size)
     labels = read_image(path)
     assert sorted(np.bincount(labels.ravel())[1:], reverse=True) == expected
