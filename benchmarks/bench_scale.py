@@ -5,8 +5,8 @@ network by fixed factors, by ``auto`` (:func:`s2l_core.predict.auto_scale`: smal
 nuclei brought towards 40 pixels across, at most 2x) and by ``auto@D`` (towards ``D``
 pixels), with the watershed instances and scores of ``bench_quality.py``, overall and
 per image size, with the median time of the prediction per image; ``--min-peaks`` adds
-hysteresis levels, ``--min-sizes`` smallest object sizes, and ``--tta off on`` scores
-without and with test-time augmentation.
+hysteresis levels, ``--min-sizes`` smallest object sizes, ``--thresholds`` foreground
+thresholds, and ``--tta off on`` scores without and with test-time augmentation.
 No training: it reads checkpoints, e.g. those the quality benchmark writes.
 
 Usage::
@@ -33,7 +33,7 @@ import pandas as pd
 import torch
 
 from s2l_core import data
-from s2l_core.cli import probability_argument, scale_argument
+from s2l_core.cli import probability_argument, scale_argument, threshold_argument
 from s2l_core.evaluate import SCORES, dataset_images, score_images
 from s2l_core.files import atomic_path, write_json
 from s2l_core.predict import load_model, predict_probability
@@ -85,13 +85,22 @@ def parse_min_size(text: str) -> int:
 
 
 def score_checkpoint(
-    model, device, images, scale, min_peaks=(None,), tta=False, min_sizes=(16,)
+    model,
+    device,
+    images,
+    scale,
+    min_peaks=(None,),
+    tta=False,
+    min_sizes=(16,),
+    thresholds=(0.5,),
 ) -> pd.DataFrame:
     """Score one checkpoint at one scale, predicting each image once and scoring that
-    prediction at every ``min_peak`` and ``min_size``; one row per image, ``min_peak`` and
-    ``min_size``, with the scale used, the time of the prediction and ``area_ratio``, the
-    predicted foreground's area over the true one's. ``tta``: test-time augmentation
-    (:func:`s2l_core.predict.predict_probability`)."""
+    prediction at every foreground threshold, ``min_peak`` and ``min_size``; one row per
+    image and combination, with the scale used, the time of the prediction and
+    ``area_ratio``, the predicted foreground's area over the true one's. ``tta``:
+    test-time augmentation (:func:`s2l_core.predict.predict_probability`). With
+    ``scale="auto"`` the nuclei are measured at the threshold of 0.5 whatever the
+    thresholds scored."""
     kwargs = {"scale": scale}
     if isinstance(scale, str) and scale.startswith("auto@"):
         kwargs = {"scale": "auto", "diameter": float(scale[5:])}
@@ -101,16 +110,17 @@ def score_checkpoint(
         prob, chosen = predict_probability(model, image, device=device, tta=tta, **kwargs)
         seconds = time.perf_counter() - start
         true_area = max(int((truth > 0).sum()), 1)
-        for peak, size in itertools.product(min_peaks, min_sizes):
+        for threshold, peak, size in itertools.product(thresholds, min_peaks, min_sizes):
             labels = {}
             one = [(image_id, image, truth)]
             row = score_images(
-                lambda _, p=prob: p, one, labels_out=labels, min_peak=peak, min_size=size
-            )
+                lambda _, p=prob: p, one, labels_out=labels, min_peak=peak, min_size=size,
+                threshold=threshold,
+            )  # fmt: skip
             area = (labels[image_id]["watershed"] > 0).sum() / true_area
             row = row.assign(
                 predict_s=seconds, scale=str(scale), min_peak=str(peak), tta=tta,
-                min_size=size, scale_used=chosen, area_ratio=area,
+                min_size=size, threshold=threshold, scale_used=chosen, area_ratio=area,
             )  # fmt: skip
             tables.append(row)
     return pd.concat(tables, ignore_index=True)
@@ -129,7 +139,7 @@ def to_markdown(per_image: pd.DataFrame, command: str, modality: str) -> str:
         "area.",
         "",
     ]
-    keys = ["split", "method", "scale", "tta", "min_peak", "min_size"]
+    keys = ["split", "method", "scale", "tta", "min_peak", "min_size", "threshold"]
     for split, part in per_image.groupby("split", sort=False):
         table = part.groupby(keys[1:], sort=False).agg(
             **{k: (k, "mean") for k in SHOWN},
@@ -166,6 +176,10 @@ def main(argv: list[str] | None = None) -> None:
         help="smallest objects kept, in pixels, to score (foreground_to_instances min_size)",
     )  # fmt: skip
     parser.add_argument(
+        "--thresholds", nargs="+", type=threshold_argument, default=[0.5],
+        help="foreground thresholds to score (foreground_to_instances threshold)",
+    )  # fmt: skip
+    parser.add_argument(
         "--tta", nargs="+", choices=["off", "on"], default=["off"],
         help="score without ('off') and/or with ('on') test-time augmentation",
     )  # fmt: skip
@@ -187,13 +201,14 @@ def main(argv: list[str] | None = None) -> None:
                 images = dataset_images(dataset, ids)
                 scores = score_checkpoint(
                     model, device, images, scale, args.min_peaks, tta=tta == "on",
-                    min_sizes=args.min_sizes,
+                    min_sizes=args.min_sizes, thresholds=args.thresholds,
                 )  # fmt: skip
                 tables.append(scores.assign(method=name, split=split))
-                for (peak, size), part in scores.groupby(["min_peak", "min_size"], sort=False):
+                settings = ["threshold", "min_peak", "min_size"]
+                for (threshold, peak, size), part in scores.groupby(settings, sort=False):
                     print(
                         f"{name:6s} {split:5s} scale {scale!s:5s} tta {tta:3s} min_peak {peak:5s} "
-                        f"min_size {size:3d} "
+                        f"min_size {size:3d} threshold {threshold:.2f} "
                         f"IoU {part['iou'].mean():.4f} AP {part['ap'].mean():.4f}  "
                         f"{part['predict_s'].median():.2f} s/img",
                         flush=True,
@@ -201,7 +216,7 @@ def main(argv: list[str] | None = None) -> None:
     per_image = pd.concat(tables, ignore_index=True).drop(columns="instances")
     command = "python " + " ".join(shlex.quote(a) for a in sys.argv)
     output = args.output or HERE / "results" / f"scale_{args.modality}.json"
-    keys = ["split", "method", "scale", "tta", "min_peak", "min_size"]
+    keys = ["split", "method", "scale", "tta", "min_peak", "min_size", "threshold"]
     summary = per_image.groupby(keys, sort=False)[list(SCORES)].mean()
     write_json(
         output,

@@ -129,6 +129,17 @@ def probability_argument(text: str) -> float:
     return value
 
 
+def threshold_argument(text: str) -> float:
+    """``--threshold`` (an ``argparse`` type): a number strictly between 0 and 1."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not 0.0 < value < 1.0:
+        raise argparse.ArgumentTypeError(f"must lie strictly between 0 and 1, got {text!r}")
+    return value
+
+
 def _predict(args: argparse.Namespace) -> int:
     from s2l_core.predict import predict_folder
 
@@ -266,7 +277,10 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("output_dir")
     pr.add_argument("--mode", default="instance", choices=["instance", "semantic"])
     pr.add_argument("--method", default="watershed", choices=["watershed", "components"])
-    pr.add_argument("--threshold", type=float, default=0.5)
+    pr.add_argument(
+        "--threshold", type=threshold_argument, default=0.5,
+        help="foreground where the probability exceeds this (default 0.5)",
+    )  # fmt: skip
     pr.add_argument(
         "--min-size", type=int, default=16,
         help="smallest object kept, in pixels (default 16; 24 scored best on BBBC038 "

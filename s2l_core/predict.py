@@ -37,6 +37,7 @@ __all__ = [
     "auto_scale",
     "check_min_peak",
     "check_scale",
+    "check_threshold",
     "foreground_to_instances",
     "list_images",
     "load_model",
@@ -109,6 +110,47 @@ def check_min_peak(min_peak: float | None) -> float | None:
     return min_peak
 
 
+def check_threshold(threshold: float) -> float:
+    """Check a foreground ``threshold`` option: a probability strictly between 0 and 1.
+
+    Parameters
+    ----------
+    threshold : float
+        The option as given.
+
+    Returns
+    -------
+    float
+        The threshold as a float.
+
+    Raises
+    ------
+    ValueError
+        If ``threshold`` is not a number in (0, 1): at 0 or below every pixel would be
+        foreground, at 1 or above none, and NaN leaves none without saying so.
+    """
+    if isinstance(threshold, bool) or not isinstance(
+        threshold, (int, float, np.integer, np.floating)
+    ):
+        raise ValueError(f"threshold must be a probability in (0, 1), got {threshold!r}")
+    if not 0.0 < threshold < 1.0:  # False for NaN too
+        raise ValueError(f"threshold must be a probability in (0, 1), got {threshold}")
+    return float(threshold)
+
+
+def _check_method(method: str) -> str:
+    """Check an instance ``method`` option (:func:`foreground_to_instances`).
+
+    Raises
+    ------
+    ValueError
+        If ``method`` is neither ``"watershed"`` nor ``"components"``.
+    """
+    if method not in ("watershed", "components"):
+        raise ValueError(f"method must be 'watershed' or 'components', got {method!r}")
+    return method
+
+
 def foreground_to_instances(
     prob: np.ndarray,
     *,
@@ -125,7 +167,7 @@ def foreground_to_instances(
     prob : numpy.ndarray
         ``(H, W)`` foreground probability (or a binary mask).
     threshold : float, optional
-        Foreground where ``prob > threshold``.
+        Foreground where ``prob > threshold``; in (0, 1) (:func:`check_threshold`).
     method : {"watershed", "components"}, optional
         ``"components"``: 8-connected components. ``"watershed"``: a watershed on the
         distance transform of the foreground, seeded at its maxima that stand at least
@@ -149,8 +191,8 @@ def foreground_to_instances(
     prob = np.asarray(prob)
     if prob.ndim != 2:
         raise ValueError(f"prob must be a 2-D (H, W) map, got shape {prob.shape}")
-    if method not in ("watershed", "components"):
-        raise ValueError(f"method must be 'watershed' or 'components', got {method!r}")
+    _check_method(method)
+    threshold = check_threshold(threshold)
     check_min_peak(min_peak)
     fg = ndi.binary_fill_holes(prob > threshold)
     regions = None  # 8-connected components of fg, once computed
@@ -348,8 +390,10 @@ def predict_probability(
     ------
     ValueError
         If ``scale`` is neither ``"auto"`` nor a positive finite number
-        (:func:`check_scale`), or shrinks the image below one pixel.
+        (:func:`check_scale`), or shrinks the image below one pixel, or if ``threshold``
+        is not in (0, 1) (:func:`check_threshold`).
     """
+    check_threshold(threshold)
     if check_scale(scale) == "auto":
         prob = predict_foreground(model, image, device=device, tile=tile)
         chosen = auto_scale(prob, threshold=threshold, diameter=diameter)
@@ -555,8 +599,12 @@ def predict_folder(
     """
     if mode not in ("instance", "semantic"):
         raise ValueError(f"mode must be 'instance' or 'semantic', got {mode!r}")
-    scale = check_scale(scale)  # before any image, so that no image is blamed for them
+    # Checked before any image is read, so that no image is blamed for a bad option.
+    scale = check_scale(scale)
     check_min_peak(min_peak)
+    check_threshold(threshold)
+    if mode == "instance":
+        _check_method(method)
     files = list_images(input_dir)
     output_dir = Path(output_dir)
     if output_dir.exists() and any(output_dir.iterdir()) and not overwrite:

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
@@ -133,11 +134,28 @@ def synthetic_samples():
     return build
 
 
+class BrightNet(torch.nn.Module):
+    """A stand-in network: foreground where the first channel exceeds 0.5.
+
+    It records the ``(H, W)`` of every input it sees in ``seen``, so a test can count its
+    passes and check the sizes it was given.
+    """
+
+    size_multiple = 4
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[tuple[int, int]] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.seen.append(tuple(x.shape[-2:]))
+        fg = 20.0 * (x[:, :1] - 0.5)
+        return torch.cat([torch.zeros_like(fg), fg], dim=1)
+
+
 @pytest.fixture(autouse=True, scope="session")
 def _one_torch_thread():
     """Tests train tiny networks: one thread is fastest and immune to a loaded machine."""
-    import torch
-
     previous = torch.get_num_threads()
     torch.set_num_threads(1)
     yield

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-import torch
+from conftest import BrightNet
 
 from s2l_core.train import TrainConfig
 
@@ -125,7 +125,7 @@ def test_scale_tables_are_means_per_method_scale_and_size():
                     {"image_id": f"{split}{i}", "size": size, "predict_s": 0.1, "iou": base + bump,
                      "ap": 0.4, "f1": 0.5, "aji": 0.3, "scale_used": 1.0 if scale == "1.0" else 2.0,
                      "area_ratio": 1.0 + bump, "method": "s2l", "split": split, "scale": scale,
-                     "tta": False, "min_peak": "None", "min_size": 16}
+                     "tta": False, "min_peak": "None", "min_size": 16, "threshold": 0.5}
                 )  # fmt: skip
     text = scale_bench.to_markdown(pd.DataFrame(rows), "python bench_scale.py", "fluorescence")
     assert "## val (3 images)" in text and "## test (3 images)" in text
@@ -137,28 +137,13 @@ def test_scale_tables_are_means_per_method_scale_and_size():
     # per split: the overall rows (scale 1, auto), then the per-size rows (scale 1, auto)
     assert len(table) == 8
     overall_auto, sizes_auto = table[1], table[3]
-    # method, scale, tta, min_peak, min_size
-    assert overall_auto[:5] == ["s2l", "auto", "False", "None", "16"]
-    assert float(overall_auto[5]) == pytest.approx(0.8)  # mean of 0.7, 0.9 and 0.8
+    # method, scale, tta, min_peak, min_size, threshold
+    assert overall_auto[:6] == ["s2l", "auto", "False", "None", "16", "0.5"]
+    assert float(overall_auto[6]) == pytest.approx(0.8)  # mean of 0.7, 0.9 and 0.8
     assert float(overall_auto[-2]) == 2.0  # mean scale
     assert float(overall_auto[-1]) == pytest.approx(1.1)  # median area ratio
-    assert [float(c) for c in sizes_auto[5:]] == pytest.approx([0.8, 0.8])
+    assert [float(c) for c in sizes_auto[6:]] == pytest.approx([0.8, 0.8])
     assert "256x256 (2)" in text and "512x640 (1)" in text
-
-
-class _Counting(torch.nn.Module):
-    """Foreground where the first channel is bright; counts its forward passes."""
-
-    size_multiple = 4
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.calls = 0
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        self.calls += 1
-        fg = 20.0 * (x[:, :1] - 0.5)
-        return torch.cat([torch.zeros_like(fg), fg], dim=1)
 
 
 def _two_nuclei() -> list[tuple[str, np.ndarray, np.ndarray]]:
@@ -172,21 +157,36 @@ def _two_nuclei() -> list[tuple[str, np.ndarray, np.ndarray]]:
 def test_score_checkpoint_predicts_once_per_image_with_or_without_tta():
     images = _two_nuclei()
     for tta, calls in ((False, 1), (True, 8)):
-        model = _Counting()
+        model = BrightNet()
         rows = scale_bench.score_checkpoint(model, "cpu", images, 1.0, (None, 0.99), tta=tta)
-        assert model.calls == calls  # one prediction, scored at both min_peak values
+        assert len(model.seen) == calls  # one prediction, scored at both min_peak values
         assert list(rows["tta"]) == [tta, tta] and list(rows["min_peak"]) == ["None", "0.99"]
         assert rows["iou"].tolist() == pytest.approx([1.0, 1.0])
 
 
 def test_score_checkpoint_scores_every_min_size_of_one_prediction():
     """Truth objects of 64 and 80 pixels: at min_size 70 the first is dropped."""
-    model = _Counting()
+    model = BrightNet()
     rows = scale_bench.score_checkpoint(
         model, "cpu", _two_nuclei(), 1.0, (None, 0.99), min_sizes=(16, 70)
     )
-    assert model.calls == 1
+    assert len(model.seen) == 1
     assert list(zip(rows["min_peak"], rows["min_size"], strict=True)) == [
         ("None", 16), ("None", 70), ("0.99", 16), ("0.99", 70)
     ]  # fmt: skip
     assert rows["iou"].tolist() == pytest.approx([1.0, 80 / 144, 1.0, 80 / 144])
+
+
+def test_score_checkpoint_scores_every_threshold_of_one_prediction():
+    """The 80-pixel nucleus is drawn at 0.48 (probability about 0.40 for the stand-in
+    network): foreground at threshold 0.3, not at 0.5, which finds only the 64-pixel one."""
+    ((image_id, image, truth),) = _two_nuclei()
+    image[:, truth == 2] = 0.48
+    model = BrightNet()
+    rows = scale_bench.score_checkpoint(
+        model, "cpu", [(image_id, image, truth)], 1.0, thresholds=(0.3, 0.5)
+    )
+    assert len(model.seen) == 1
+    assert rows["threshold"].tolist() == [0.3, 0.5]
+    assert rows["iou"].tolist() == pytest.approx([1.0, 64 / 144])
+    assert rows["area_ratio"].tolist() == pytest.approx([1.0, 64 / 144])

@@ -93,6 +93,11 @@ def test_cli_train_and_predict_own_images(tmp_path, capsys):
         with pytest.raises(SystemExit):
             main([*args[:3], str(tmp_path / "y"), "--min-peak", bad])
     assert "--min-peak" in capsys.readouterr().err
+    for bad in ("0", "1", "nan", "half"):
+        with pytest.raises(SystemExit):
+            main([*args[:3], str(tmp_path / "y"), "--threshold", bad])
+    assert "--threshold" in capsys.readouterr().err
+    assert not (tmp_path / "y").exists()
 
 
 def test_cli_trains_and_predicts_one_channel_of_two(tmp_path, capsys):

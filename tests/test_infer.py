@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from conftest import BrightNet
 from torch import nn
 
 from s2l_core.infer import DIHEDRAL, autocast_context, dihedral, predict_foreground, undo_dihedral
@@ -18,21 +19,6 @@ from s2l_core.predict import (
 )
 
 
-class _Bright(nn.Module):
-    """Foreground where the first channel exceeds 0.5; remembers the input's shape."""
-
-    size_multiple = 4
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.seen: list[tuple[int, int]] = []
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        self.seen.append(tuple(x.shape[-2:]))
-        fg = 20.0 * (x[:, :1] - 0.5)
-        return torch.cat([torch.zeros_like(fg), fg], dim=1)
-
-
 def _block(h: int = 32, w: int = 32) -> np.ndarray:
     image = np.zeros((3, h, w), np.float32)
     image[:, 8:24, 8:20] = 1.0
@@ -41,7 +27,7 @@ def _block(h: int = 32, w: int = 32) -> np.ndarray:
 
 @pytest.mark.parametrize("scale", [2.0, 1.5, 0.5])
 def test_scaled_prediction_comes_back_at_the_images_size(scale):
-    model = _Bright()
+    model = BrightNet()
     image = _block()
     prob = predict_foreground(model, image, scale=scale)
     assert prob.shape == (32, 32) and prob.dtype == np.float32
@@ -56,14 +42,14 @@ def test_scaled_prediction_comes_back_at_the_images_size(scale):
 def test_magnified_prediction_stays_a_probability(scale):
     """Shrinking a saturated 0/1 map back with antialiasing can step past 1 by a rounding
     (1 + 1.2e-7 in float32); the EMA store refuses such values, so they are clipped."""
-    model = _Bright()
+    model = BrightNet()
     image = (np.random.default_rng(0).random((3, 100, 120)) > 0.3).astype(np.float32) * 100
     prob = predict_foreground(model, image, scale=scale)
     assert prob.max() == 1.0 and prob.min() >= 0.0
 
 
 def test_scale_rounds_each_side_and_one_is_the_plain_prediction():
-    model = _Bright()
+    model = BrightNet()
     image = _block(30, 45)
     predict_foreground(model, image, scale=1.5)
     assert model.seen == [(48, 68)]  # 45 and 67.5 -> 68, padded to multiples of 4
@@ -76,7 +62,7 @@ def test_scale_rounds_each_side_and_one_is_the_plain_prediction():
 @pytest.mark.parametrize("bad", [0, -1.0, float("nan"), float("inf"), True, "2", 0.01])
 def test_bad_scale_is_refused(bad):
     with pytest.raises(ValueError, match="scale"):
-        predict_foreground(_Bright(), _block(), scale=bad)
+        predict_foreground(BrightNet(), _block(), scale=bad)
 
 
 def test_check_scale_takes_auto_and_positive_numbers():
@@ -132,24 +118,28 @@ def test_auto_scale_settings_and_errors():
 
 def test_predict_probability_auto_predicts_twice_only_for_small_nuclei():
     small = np.repeat(_disc(5.0, (64, 64))[None], 3, axis=0)
-    model = _Bright()
+    model = BrightNet()
     prob, used = predict_probability(model, small, scale="auto")
     assert used == 2.0 and prob.shape == (64, 64)
     assert model.seen == [(64, 64), (128, 128)]
     np.testing.assert_array_equal(prob > 0.5, small[0] > 0.5)
     large = np.repeat(_disc(25.0, (64, 64))[None], 3, axis=0)
-    model = _Bright()
+    model = BrightNet()
     prob, used = predict_probability(model, large, scale="auto")
     assert used == 1.0 and model.seen == [(64, 64)]
-    assert predict_probability(_Bright(), large, scale=1.5)[1] == 1.5
+    assert predict_probability(BrightNet(), large, scale=1.5)[1] == 1.5
     with pytest.raises(ValueError, match="'auto'"):
-        predict_probability(_Bright(), large, scale="big")
+        predict_probability(BrightNet(), large, scale="big")
+    model = BrightNet()
+    with pytest.raises(ValueError, match="threshold must be a probability"):
+        predict_probability(model, large, scale=1.0, threshold=0.0)
+    assert model.seen == []  # refused before any pass
 
 
 def test_predict_image_keeps_the_size_at_any_scale():
     image = (np.repeat(_disc(5.0, (50, 70))[..., None], 3, axis=2) * 255).astype(np.uint8)
     for scale in (1.0, 1.5, "auto"):
-        prob, labels = predict_image(_Bright(), image, scale=scale)
+        prob, labels = predict_image(BrightNet(), image, scale=scale)
         assert prob.shape == labels.shape == (50, 70)
         assert labels.max() == 1
 
@@ -164,12 +154,12 @@ def test_semantic_mask_with_min_peak_keeps_confident_regions_and_their_holes():
     bright = np.zeros((40, 60), bool)
     bright[5:25, 5:25] = True
     bright[12:16, 12:16] = False
-    _, every = predict_image(_Bright(), image, instances=None)
-    _, kept = predict_image(_Bright(), image, instances=None, min_peak=0.99)
+    _, every = predict_image(BrightNet(), image, instances=None)
+    _, kept = predict_image(BrightNet(), image, instances=None, min_peak=0.99)
     assert kept.dtype == np.uint8
     assert np.array_equal(kept > 0, bright)
     assert np.array_equal(every > 0, bright | (image == 0.6))
-    _, labels = predict_image(_Bright(), image, min_peak=0.99, instances="components")
+    _, labels = predict_image(BrightNet(), image, min_peak=0.99, instances="components")
     assert labels.max() == 1 and not labels[5:25, 35:55].any()
 
 
@@ -211,7 +201,7 @@ def test_tta_of_a_pixelwise_network_is_the_plain_prediction():
     """A network that looks at each pixel alone sees every view alike, so each view turned
     back must land exactly on the plain prediction: any mistake in undoing a view moves
     the off-centre block of this non-square image."""
-    model = _Bright()
+    model = BrightNet()
     image = _block(28, 44)
     image[:, 2:5, 30:41] = 1.0
     plain = predict_foreground(model, image)
@@ -260,19 +250,19 @@ def test_tta_prediction_turns_with_the_image():
 
 
 def test_tta_with_scale_and_auto():
-    model = _Bright()
+    model = BrightNet()
     predict_foreground(model, _block(30, 45), scale=1.5, tta=True)
     assert sorted(model.seen) == [(48, 68)] * 4 + [(68, 48)] * 4
     small = np.repeat(_disc(5.0, (64, 64))[None], 3, axis=0)
-    model = _Bright()
+    model = BrightNet()
     prob, used = predict_probability(model, small, scale="auto", tta=True)
     assert used == 2.0 and model.seen == [(64, 64)] + [(128, 128)] * 8  # measured once, plain
     np.testing.assert_array_equal(prob > 0.5, small[0] > 0.5)
     large = np.repeat(_disc(25.0, (64, 64))[None], 3, axis=0)
-    model = _Bright()
+    model = BrightNet()
     prob, used = predict_probability(model, large, scale="auto", tta=True)
     assert used == 1.0 and model.seen == [(64, 64)] * 8  # the measuring pass is a view
-    np.testing.assert_array_equal(prob, predict_foreground(_Bright(), large, tta=True))
+    np.testing.assert_array_equal(prob, predict_foreground(BrightNet(), large, tta=True))
 
 
 def test_tta_reuses_a_given_identity_view_and_checks_it():
@@ -284,11 +274,11 @@ def test_tta_reuses_a_given_identity_view_and_checks_it():
         predict_foreground(net, image, tta=True, identity=plain),
         predict_foreground(net, image, tta=True),
     )
-    model = _Bright()
+    model = BrightNet()
     predict_foreground(model, image, tta=True, identity=np.zeros((40, 56), np.float32))
     assert len(model.seen) == 7
     for kwargs in ({}, {"tta": True, "scale": 2.0}):
         with pytest.raises(ValueError, match="needs both"):
-            predict_foreground(_Bright(), image, identity=plain, **kwargs)
+            predict_foreground(BrightNet(), image, identity=plain, **kwargs)
     with pytest.raises(ValueError, match=r"identity has shape \(40, 55\)"):
-        predict_foreground(_Bright(), image, tta=True, identity=plain[:, :55])
+        predict_foreground(BrightNet(), image, tta=True, identity=plain[:, :55])

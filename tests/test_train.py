@@ -11,7 +11,7 @@ import torch
 from s2l_core.augment import AugmentConfig
 from s2l_core.baselines import RandomForestSegmenter
 from s2l_core.metrics import f1_at, foreground_iou
-from s2l_core.predict import foreground_to_instances, load_model, predict_folder
+from s2l_core.predict import check_threshold, foreground_to_instances, load_model, predict_folder
 from s2l_core.train import TrainConfig, Trainer, load_checkpoint
 
 TINY = dict(
@@ -262,6 +262,21 @@ def test_min_peak_drops_faint_regions_and_keeps_confident_ones_whole(method):
             foreground_to_instances(prob, min_peak=bad)
 
 
+def test_threshold_sets_the_foreground_and_is_checked():
+    """A square of 0.9 inside a ring of 0.4 (a 10x10 square with a 2-pixel ring, 196
+    pixels): the ring is foreground at 0.3 and not at 0.5."""
+    prob = np.zeros((30, 30), np.float32)
+    prob[5:19, 5:19] = 0.4
+    prob[7:17, 7:17] = 0.9
+    for threshold, area in ((0.3, 196), (0.5, 100), (0.95, 0)):
+        labels = foreground_to_instances(prob, threshold=threshold, method="components")
+        assert (labels > 0).sum() == area
+    assert check_threshold(np.float32(0.25)) == 0.25
+    for bad in (0, 1, 1.5, -0.2, float("nan"), "0.5", True, None):
+        with pytest.raises(ValueError, match="threshold must be a probability in"):
+            foreground_to_instances(prob, threshold=bad)
+
+
 # ----------------------------------------------------------------------------- baselines
 
 
@@ -351,6 +366,11 @@ def test_predict_folder_errors_leave_no_partial_output(tiny_checkpoint, tmp_path
     with pytest.raises(ValueError, match=r"^min_peak must be a probability in \[0, 1\] or None"):
         predict_folder(tiny_checkpoint, src, tmp_path / "out5", progress=False, min_peak=1.5)
     assert not (tmp_path / "out5").exists()
+    with pytest.raises(ValueError, match=r"^threshold must be a probability in \(0, 1\), got 1"):
+        predict_folder(tiny_checkpoint, src, tmp_path / "out6", progress=False, threshold=1)
+    with pytest.raises(ValueError, match=r"^method must be 'watershed' or 'components'"):
+        predict_folder(tiny_checkpoint, src, tmp_path / "out6", progress=False, method="blobs")
+    assert not (tmp_path / "out6").exists()
 
 
 def test_loaded_model_predicts_like_the_trainer(synthetic_samples, tmp_path):
