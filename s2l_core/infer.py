@@ -67,6 +67,18 @@ def _check_scale(scale: float, shape: tuple[int, ...]) -> float:
     return scale
 
 
+def _check_tile(tile: int, overlap: int) -> None:
+    """Refuse tiles that keep no centre (they used to leave the prediction empty)."""
+    whole = (int, np.integer)
+    if any(isinstance(v, bool) or not isinstance(v, whole) for v in (tile, overlap)):
+        raise ValueError(f"tile and overlap must be whole numbers, got {tile!r} and {overlap!r}")
+    if overlap < 0 or tile <= 2 * overlap:
+        raise ValueError(
+            f"tile must exceed twice the overlap (each tile keeps its centre, tile - 2 * "
+            f"overlap pixels), and overlap must be >= 0; got tile={tile}, overlap={overlap}"
+        )
+
+
 @torch.no_grad()
 def predict_foreground(
     model: torch.nn.Module,
@@ -103,7 +115,8 @@ def predict_foreground(
     device : torch.device or str, optional
         Where to compute.
     tile, overlap : int, optional
-        Tile side and overlap for large images.
+        Tile side and overlap for large images: each tile keeps its centre,
+        ``tile - 2 * overlap`` pixels on a side, so ``tile`` must exceed ``2 * overlap``.
     amp : bool, optional
         Mixed precision on CUDA.
     channels_last : bool, optional
@@ -130,9 +143,11 @@ def predict_foreground(
     ------
     ValueError
         If ``scale`` is not a positive finite number, or shrinks the image below one
-        pixel; or ``identity`` is given without ``tta``, at a scale other than 1, or
-        with a shape other than the image's.
+        pixel; if ``tile`` and ``overlap`` are not whole numbers with
+        ``tile > 2 * overlap >= 0``; or ``identity`` is given without ``tta``, at a scale
+        other than 1, or with a shape other than the image's.
     """
+    _check_tile(tile, overlap)
     scale = _check_scale(scale, image.shape[-2:])
     if identity is not None:
         if not tta or scale != 1.0:

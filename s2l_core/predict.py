@@ -370,7 +370,8 @@ def predict_probability(
     threshold : float, optional
         Foreground threshold used to measure the nuclei (``"auto"`` only).
     tile : int, optional
-        Tile side for large images.
+        Tile side for large images, over 128 pixels (twice the tiles' overlap; see
+        :func:`s2l_core.infer.predict_foreground`).
     diameter : float, optional
         Nucleus diameter (pixels) that ``"auto"`` magnifies towards.
     tta : bool, optional
@@ -440,7 +441,8 @@ def predict_image(
     min_size : int, optional
         Smallest object kept (pixels).
     tile : int, optional
-        Tile side for large images.
+        Tile side for large images, over 128 pixels (twice the tiles' overlap; see
+        :func:`s2l_core.infer.predict_foreground`).
     channel : int, optional
         Take this channel of a multi-channel image (:func:`s2l_core.augment.select_channel`).
     scale : float or "auto", optional
@@ -595,7 +597,8 @@ def predict_folder(
     ------
     FileNotFoundError, ValueError
         Missing or incompatible checkpoint, missing or empty input folder, unreadable
-        image (named), or an output folder that is not empty.
+        image (named), an output folder that is not empty, or a bad option (checked
+        before any image is read).
     """
     if mode not in ("instance", "semantic"):
         raise ValueError(f"mode must be 'instance' or 'semantic', got {mode!r}")
@@ -605,6 +608,8 @@ def predict_folder(
     check_threshold(threshold)
     if mode == "instance":
         _check_method(method)
+    if suffix is not None and suffix.lower() not in (".tif", ".tiff", ".png"):
+        raise ValueError(f"suffix must be '.tif' or '.png' (or None: as the input), got {suffix!r}")
     files = list_images(input_dir)
     output_dir = Path(output_dir)
     if output_dir.exists() and any(output_dir.iterdir()) and not overwrite:

@@ -217,6 +217,10 @@ def test_tiled_prediction_matches_whole():
     whole = predict_foreground(model, image, tile=4096)
     tiled = predict_foreground(model, image, tile=96, overlap=32)
     assert np.abs(whole - tiled).max() < 1e-3
+    # A tile that keeps no centre (100 - 2 * 64 < 0) is refused, not left empty.
+    for tile, overlap in ((100, 64), (96, 48), (96, -1), (96.0, 32), (True, 0)):
+        with pytest.raises(ValueError, match="tile"):
+            predict_foreground(model, image, tile=tile, overlap=overlap)
 
 
 @pytest.mark.parametrize("name", ["p_zoom", "p_rotate", "p_intensity", "p_illumination", "p_gamma"])

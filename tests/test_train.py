@@ -370,6 +370,8 @@ def test_predict_folder_errors_leave_no_partial_output(tiny_checkpoint, tmp_path
         predict_folder(tiny_checkpoint, src, tmp_path / "out6", progress=False, threshold=1)
     with pytest.raises(ValueError, match=r"^method must be 'watershed' or 'components'"):
         predict_folder(tiny_checkpoint, src, tmp_path / "out6", progress=False, method="blobs")
+    with pytest.raises(ValueError, match=r"^suffix must be '\.tif' or '\.png'.*got 'tif'"):
+        predict_folder(tiny_checkpoint, src, tmp_path / "out6", progress=False, suffix="tif")
     assert not (tmp_path / "out6").exists()
 
 
