@@ -38,7 +38,13 @@ from tqdm.auto import tqdm
 from s2l_core.augment import AugmentConfig, normalize_image, random_crops, select_channel
 from s2l_core.files import atomic_path
 from s2l_core.infer import autocast_context, predict_foreground
-from s2l_core.losses import affinity_loss, dice_loss, pseudo_label_targets, scribble2label_loss
+from s2l_core.losses import (
+    affinity_loss,
+    check_tau,
+    dice_loss,
+    pseudo_label_targets,
+    scribble2label_loss,
+)
 from s2l_core.metrics import foreground_iou
 from s2l_core.model import from_config, parameter_groups
 from s2l_core.pseudo import EMAStore, ema_due, pseudo_label_accuracy
@@ -327,10 +333,49 @@ class TrainConfig:
             )
         if not (math.isfinite(self.dice) and self.dice >= 0):
             raise ValueError(f"dice must be finite and >= 0, got {self.dice}")
-        if self.epochs < 0 or self.batch_size < 1:
-            raise ValueError("epochs must be >= 0 and batch_size >= 1")
+        self._check_schedule()
         if isinstance(self.augment, dict):
             self.augment = AugmentConfig.from_dict(self.augment)
+
+    def _check_schedule(self) -> None:
+        """Refuse counts and rates that would fail only later in a run (``tau`` after
+        the first batch, ``ema_every`` after the first epoch) or train silently wrong (no
+        batch in an epoch); whole numbers are stored as plain ``int``."""
+        whole = {
+            "epochs": 0, "batch_size": 1, "warmup_epochs": 0, "ema_every": 1, "ema_start": 0,
+            "val_every": 0, "t0": 1, "t_mult": 1, "seed": 0,
+        }  # fmt: skip
+        if self.samples_per_epoch is not None:
+            whole["samples_per_epoch"] = 1
+        for name, minimum in whole.items():
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+                raise ValueError(f"{name} must be a whole number >= {minimum}, got {value!r}")
+            if value < minimum:
+                raise ValueError(f"{name} must be a whole number >= {minimum}, got {value}")
+            setattr(self, name, int(value))  # NumPy integers become plain ints (JSON-safe)
+        rates = {  # name: (lowest value allowed, whether it may be equalled, upper limit)
+            "alpha": (0.0, False, 1.0), "lam": (0.0, True, math.inf),
+            "lr_encoder": (0.0, False, math.inf), "lr_decoder": (0.0, False, math.inf),
+            "weight_decay": (0.0, True, math.inf), "eta_min": (0.0, True, math.inf),
+        }  # fmt: skip
+        for name, (low, closed, high) in rates.items():
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float, np.number)):
+                raise ValueError(f"{name} must be a number, got {value!r}")
+            above = value >= low if closed else value > low
+            if not (above and value <= high and math.isfinite(value)):
+                bound = f"{'>=' if closed else '>'} {low:g}"
+                limit = f" and <= {high:g}" if math.isfinite(high) else ""
+                raise ValueError(f"{name} must be a finite number {bound}{limit}, got {value}")
+        try:
+            check_tau(self.tau)
+        except TypeError as err:
+            raise ValueError(str(err)) from None
+        if self.ema_start_value not in ("first", "zero"):
+            raise ValueError(
+                f"ema_start_value must be 'first' or 'zero', got {self.ema_start_value!r}"
+            )
 
     def to_dict(self) -> dict:
         """Plain-type dict (JSON and ``torch.load(weights_only=True)`` safe)."""

@@ -148,3 +148,11 @@ def test_cli_errors_are_reported(tmp_path, capsys):
     status = main([*args, "--scribble-format", "napari", "--out", "x.pt"])
     err = capsys.readouterr().err
     assert status == 2 and "cells_0.tif (scribbles cells_0.png)" in err and "--channel" in err
+    # A bad setting is refused before any image is read.
+    for flag, value, message in (
+        ("--epochs", "-1", "epochs must be a whole number >= 0"),
+        ("--samples-per-epoch", "0", "samples_per_epoch must be a whole number >= 1"),
+    ):
+        status = main([*args, flag, value, "--out", str(tmp_path / "z.pt")])
+        assert status == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "z.pt").exists()

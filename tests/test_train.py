@@ -12,7 +12,7 @@ from s2l_core.augment import AugmentConfig
 from s2l_core.baselines import RandomForestSegmenter
 from s2l_core.metrics import f1_at, foreground_iou
 from s2l_core.predict import check_threshold, foreground_to_instances, load_model, predict_folder
-from s2l_core.train import TrainConfig, Trainer, load_checkpoint
+from s2l_core.train import PROFILES, TrainConfig, Trainer, load_checkpoint
 
 TINY = dict(
     epochs=4, batch_size=2, samples_per_epoch=4, warmup_epochs=1, ema_every=1, ema_start=0,
@@ -76,6 +76,53 @@ def test_pce_baseline_never_uses_pseudo_labels(synthetic_samples):
     assert not history["pseudo_active"].any()
     assert (history["pseudo"] == 0).all()
     assert not history["ema_updated"].any() and trainer.ema_updates == 0
+
+
+@pytest.mark.parametrize(
+    ("bad", "message"),
+    [
+        ({"epochs": -1}, "epochs must be a whole number >= 0, got -1"),
+        ({"epochs": 2.5}, "epochs must be a whole number >= 0, got 2.5"),
+        ({"batch_size": 0}, "batch_size must be a whole number >= 1"),
+        ({"samples_per_epoch": 0}, "samples_per_epoch must be a whole number >= 1"),
+        ({"warmup_epochs": -1}, "warmup_epochs must be a whole number >= 0"),
+        ({"ema_every": 0}, "ema_every must be a whole number >= 1"),
+        ({"ema_start": -1}, "ema_start must be a whole number >= 0"),
+        ({"val_every": -1}, "val_every must be a whole number >= 0"),
+        ({"t0": 0}, "t0 must be a whole number >= 1"),
+        ({"t_mult": True}, "t_mult must be a whole number >= 1, got True"),
+        ({"seed": -3}, "seed must be a whole number >= 0"),
+        ({"tau": 0.4}, r"tau must lie in \(0.5, 1\], got 0.4"),
+        ({"tau": "0.8"}, "tau must be a real number"),
+        ({"alpha": 0.0}, "alpha must be a finite number > 0 and <= 1, got 0.0"),
+        ({"alpha": 1.5}, "alpha must be a finite number > 0 and <= 1"),
+        ({"lam": -0.5}, "lam must be a finite number >= 0, got -0.5"),
+        ({"lam": float("inf")}, "lam must be a finite number >= 0"),
+        ({"lr_encoder": 0.0}, "lr_encoder must be a finite number > 0"),
+        ({"lr_decoder": float("nan")}, "lr_decoder must be a finite number > 0"),
+        ({"weight_decay": -1e-5}, "weight_decay must be a finite number >= 0"),
+        ({"eta_min": "0"}, "eta_min must be a number, got '0'"),
+        ({"ema_start_value": "one"}, "ema_start_value must be 'first' or 'zero'"),
+    ],
+)
+def test_config_refuses_bad_values_when_made(bad, message):
+    """Each bad value is refused when the configuration is made, not minutes into a run
+    (tau after the first batch, ema_every after the first epoch), and named."""
+    with pytest.raises(ValueError, match=message):
+        TrainConfig(**bad)
+    with pytest.raises(ValueError, match=message):
+        TrainConfig.profile("cpu", **bad)
+
+
+def test_config_takes_the_edges_of_its_ranges():
+    edges = TrainConfig(
+        epochs=0, warmup_epochs=0, ema_start=0, val_every=0, alpha=1.0, tau=1.0, lam=0.0,
+        weight_decay=0.0, eta_min=0.0, seed=0, samples_per_epoch=np.int64(1),
+    )  # fmt: skip
+    assert type(edges.samples_per_epoch) is int  # a NumPy integer is stored as an int
+    assert TrainConfig.from_dict(edges.to_dict()) == edges
+    for name in PROFILES:
+        assert TrainConfig.profile(name) == PROFILES[name]
 
 
 def test_affinity_term_is_logged_and_changes_training(synthetic_samples):
