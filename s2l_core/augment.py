@@ -197,6 +197,29 @@ class AugmentConfig:
     p_gamma: float = 0.5
 
     def __post_init__(self) -> None:
+        crop = self.crop_size
+        if isinstance(crop, bool) or not isinstance(crop, (int, np.integer)) or crop < 1:
+            raise ValueError(f"crop_size must be a whole number of pixels >= 1, got {crop!r}")
+        object.__setattr__(self, "crop_size", int(crop))
+        for name, lowest in (("zoom", 0.0), ("illumination", -math.inf)):
+            value = getattr(self, name)
+            try:
+                low, high = (float(v) for v in value)
+            except (TypeError, ValueError):
+                low, high = math.nan, math.nan
+            if not lowest < low <= high < math.inf:  # False for NaN too
+                above = " with 0 < low" if lowest == 0 else ""
+                raise ValueError(
+                    f"{name} must be a finite range (low, high){above} and low <= high, "
+                    f"got {value!r}"
+                )
+            object.__setattr__(self, name, (low, high))
+        for name, high in (("brightness", math.inf), ("contrast", 1.0)):
+            value = getattr(self, name)
+            number = isinstance(value, (int, float)) and not isinstance(value, bool)
+            if not (number and 0 <= value < high):
+                limit = "in [0, 1) (a contrast factor 1 ± contrast)" if high == 1 else ">= 0"
+                raise ValueError(f"{name} must be a finite number {limit}, got {value!r}")
         try:
             gamma = tuple(float(g) for g in self.gamma)
         except (TypeError, ValueError):

@@ -483,6 +483,13 @@ class Trainer:
             )
         set_seed(config.seed)
         self.model = from_config(config.model)
+        multiple = getattr(self.model, "size_multiple", 1)
+        if config.augment.crop_size % multiple:
+            crop = config.augment.crop_size
+            raise ValueError(
+                f"augment.crop_size ({crop}) must be a multiple of the network's size "
+                f"multiple, {multiple} (e.g. {crop + (-crop) % multiple})"
+            )
         self.model.to(self.device)
         if config.channels_last:
             self.model.to(memory_format=torch.channels_last)

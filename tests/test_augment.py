@@ -199,6 +199,35 @@ def test_gamma_bends_intensities_between_the_crops_extremes_and_is_off_by_defaul
     assert AugmentConfig(gamma=[1, 2]).gamma == (1.0, 2.0)  # lists and ints are accepted
 
 
+@pytest.mark.parametrize(
+    ("bad", "message"),
+    [
+        ({"crop_size": 0}, "crop_size must be a whole number of pixels >= 1, got 0"),
+        ({"crop_size": 64.0}, "crop_size must be a whole number"),
+        ({"zoom": (1.6, 0.6)}, r"zoom must be a finite range \(low, high\) with 0 < low"),
+        ({"zoom": (0.0, 1.5)}, "zoom must be a finite range"),
+        ({"zoom": (0.5, float("inf"))}, "zoom must be a finite range"),
+        ({"zoom": 1.0}, "zoom must be a finite range"),
+        ({"illumination": (0.5, -0.2)}, r"illumination must be a finite range \(low, high\)"),
+        ({"illumination": (float("nan"), 0.1)}, "illumination must be a finite range"),
+        ({"brightness": -0.1}, "brightness must be a finite number >= 0"),
+        ({"brightness": float("inf")}, "brightness must be a finite number >= 0"),
+        ({"contrast": 1.0}, r"contrast must be a finite number in \[0, 1\)"),
+    ],
+)
+def test_augment_config_refuses_bad_ranges(bad, message):
+    with pytest.raises(ValueError, match=message):
+        AugmentConfig(**bad)
+
+
+def test_augment_config_takes_lists_and_numpy_numbers():
+    config = AugmentConfig(crop_size=np.int64(64), zoom=[1, 2], illumination=[-0.2, 0.5])
+    assert type(config.crop_size) is int and config.zoom == (1.0, 2.0)
+    assert config.illumination == (-0.2, 0.5)
+    assert AugmentConfig.from_dict(config.to_dict()) == config
+    assert AugmentConfig(zoom=(1, 1), brightness=0, contrast=0).zoom == (1.0, 1.0)
+
+
 @pytest.mark.parametrize("shape", [(70, 45), (32, 32), (130, 97)])
 def test_whole_image_prediction_keeps_the_size(shape):
     torch.manual_seed(0)

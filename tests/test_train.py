@@ -114,6 +114,13 @@ def test_config_refuses_bad_values_when_made(bad, message):
         TrainConfig.profile("cpu", **bad)
 
 
+def test_crops_must_fit_the_network(synthetic_samples):
+    """The UNet of TINY (depth 2) takes sides that are multiples of 8."""
+    crops = AugmentConfig(crop_size=60)
+    with pytest.raises(ValueError, match=r"crop_size \(60\) must be a multiple .* 8 \(e.g. 64\)"):
+        Trainer(synthetic_samples(1), TrainConfig(**{**TINY, "augment": crops}), device="cpu")
+
+
 def test_config_takes_the_edges_of_its_ranges():
     edges = TrainConfig(
         epochs=0, warmup_epochs=0, ema_start=0, val_every=0, alpha=1.0, tau=1.0, lam=0.0,
