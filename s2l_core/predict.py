@@ -138,6 +138,14 @@ def check_threshold(threshold: float) -> float:
     return float(threshold)
 
 
+def _check_min_size(min_size: int) -> int:
+    """Check a ``min_size`` option: a whole number of pixels, at least 0 (0 and 1 keep
+    every object)."""
+    if isinstance(min_size, bool) or not isinstance(min_size, (int, np.integer)) or min_size < 0:
+        raise ValueError(f"min_size must be a whole number of pixels >= 0, got {min_size!r}")
+    return int(min_size)
+
+
 def _check_method(method: str) -> str:
     """Check an instance ``method`` option (:func:`foreground_to_instances`).
 
@@ -173,9 +181,10 @@ def foreground_to_instances(
         distance transform of the foreground, seeded at its maxima that stand at least
         ``split_depth`` pixels above their surroundings, which splits touching nuclei.
     min_size : int, optional
-        Objects smaller than this many pixels are removed.
+        Objects smaller than this many pixels are removed (0 or 1: none).
     split_depth : float, optional
-        Depth (pixels of distance) of the valley needed between two nuclei to split them.
+        Depth (pixels of distance) of the valley needed between two nuclei to split them;
+        positive and finite (``method="components"`` never splits).
     min_peak : float, optional
         Hysteresis: a connected foreground region is kept only where its highest
         probability exceeds ``min_peak``, and then with its whole extent down to
@@ -194,6 +203,12 @@ def foreground_to_instances(
     _check_method(method)
     threshold = check_threshold(threshold)
     check_min_peak(min_peak)
+    min_size = _check_min_size(min_size)
+    number = isinstance(split_depth, (int, float, np.number)) and not isinstance(split_depth, bool)
+    if not (number and 0 < split_depth < np.inf):  # NaN crashed h_maxima outright
+        raise ValueError(
+            f"split_depth must be a positive finite number of pixels, got {split_depth!r}"
+        )
     fg = ndi.binary_fill_holes(prob > threshold)
     regions = None  # 8-connected components of fg, once computed
     if min_size > 1 or min_peak is not None:
@@ -606,6 +621,7 @@ def predict_folder(
     scale = check_scale(scale)
     check_min_peak(min_peak)
     check_threshold(threshold)
+    _check_min_size(min_size)
     if mode == "instance":
         _check_method(method)
     if suffix is not None and suffix.lower() not in (".tif", ".tiff", ".png"):

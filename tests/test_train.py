@@ -326,6 +326,13 @@ def test_threshold_sets_the_foreground_and_is_checked():
         labels = foreground_to_instances(prob, threshold=threshold, method="components")
         assert (labels > 0).sum() == area
     assert check_threshold(np.float32(0.25)) == 0.25
+    for bad in (0, -1.0, float("nan"), float("inf"), "2"):  # NaN used to crash the process
+        with pytest.raises(ValueError, match="split_depth must be a positive finite number"):
+            foreground_to_instances(prob, split_depth=bad)
+    for bad in (-1, 2.5, float("nan"), "16", True):  # NaN used to keep every object
+        with pytest.raises(ValueError, match="min_size must be a whole number of pixels >= 0"):
+            foreground_to_instances(prob, min_size=bad)
+    assert foreground_to_instances(prob, min_size=np.int64(0)).max() == 1
     for bad in (0, 1, 1.5, -0.2, float("nan"), "0.5", True, None):
         with pytest.raises(ValueError, match="threshold must be a probability in"):
             foreground_to_instances(prob, threshold=bad)
@@ -426,6 +433,8 @@ def test_predict_folder_errors_leave_no_partial_output(tiny_checkpoint, tmp_path
         predict_folder(tiny_checkpoint, src, tmp_path / "out6", progress=False, method="blobs")
     with pytest.raises(ValueError, match=r"^suffix must be '\.tif' or '\.png'.*got 'tif'"):
         predict_folder(tiny_checkpoint, src, tmp_path / "out6", progress=False, suffix="tif")
+    with pytest.raises(ValueError, match=r"^min_size must be a whole number of pixels >= 0"):
+        predict_folder(tiny_checkpoint, src, tmp_path / "out6", progress=False, min_size=-1)
     assert not (tmp_path / "out6").exists()
 
 
