@@ -223,6 +223,14 @@ def load_folder_samples(
     return samples
 
 
+def _check_whole(name: str, value: Any, minimum: int) -> int:
+    """``value`` as an ``int`` if it is a whole number >= ``minimum``; else a ValueError
+    that names it."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+        raise ValueError(f"{name} must be a whole number >= {minimum}, got {value!r}")
+    return int(value)
+
+
 @dataclass
 class TrainConfig:
     """Every setting of a training run (defaults: the original implementation's).
@@ -348,12 +356,8 @@ class TrainConfig:
         if self.samples_per_epoch is not None:
             whole["samples_per_epoch"] = 1
         for name, minimum in whole.items():
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-                raise ValueError(f"{name} must be a whole number >= {minimum}, got {value!r}")
-            if value < minimum:
-                raise ValueError(f"{name} must be a whole number >= {minimum}, got {value}")
-            setattr(self, name, int(value))  # NumPy integers become plain ints (JSON-safe)
+            # NumPy integers become plain ints (JSON-safe).
+            setattr(self, name, _check_whole(name, getattr(self, name), minimum))
         rates = {  # name: (lowest value allowed, whether it may be equalled, upper limit)
             "alpha": (0.0, False, 1.0), "lam": (0.0, True, math.inf),
             "lr_encoder": (0.0, False, math.inf), "lr_decoder": (0.0, False, math.inf),
@@ -715,7 +719,8 @@ class Trainer:
             The history, one row per epoch.
         """
         c = self.config
-        total = c.epochs if epochs is None else int(epochs)
+        total = c.epochs if epochs is None else _check_whole("epochs", epochs, 0)
+        _check_whole("checkpoint_every", checkpoint_every, 1)
         bar = tqdm(total=total, initial=self.epoch, desc="training", disable=not progress)
         while self.epoch < total:
             start = time.perf_counter()

@@ -114,6 +114,15 @@ def test_config_refuses_bad_values_when_made(bad, message):
         TrainConfig.profile("cpu", **bad)
 
 
+def test_fit_refuses_bad_counts_before_training(synthetic_samples):
+    trainer = _trainer(synthetic_samples(1), epochs=1)
+    with pytest.raises(ValueError, match=r"epochs must be a whole number >= 0, got 2\.5"):
+        trainer.fit(2.5, progress=False)  # used to train 2 epochs
+    with pytest.raises(ValueError, match="checkpoint_every must be a whole number >= 1"):
+        trainer.fit(checkpoint_every=0, progress=False)  # used to fail after an epoch
+    assert trainer.epoch == 0 and trainer.history == []
+
+
 def test_crops_must_fit_the_network(synthetic_samples):
     """The UNet of TINY (depth 2) takes sides that are multiples of 8."""
     crops = AugmentConfig(crop_size=60)
