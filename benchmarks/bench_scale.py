@@ -147,7 +147,7 @@ def to_markdown(per_image: pd.DataFrame, command: str, modality: str) -> str:
             **{"area": ("area_ratio", "median")},
         )
         title = f"## {split} ({part['image_id'].nunique()} images)"
-        lines += [title, "", table.round(3).reset_index().to_markdown(index=False), ""]
+        lines += [title, "", table.round(4).reset_index().to_markdown(index=False), ""]
         sizes = part.pivot_table(
             index=keys[1:],
             columns="size",
