@@ -15,9 +15,20 @@ from skimage.feature import multiscale_basic_features
 from skimage.future import fit_segmenter
 from sklearn.ensemble import RandomForestClassifier
 
-from s2l_core.scribbles import BACKGROUND, FOREGROUND
+from s2l_core.scribbles import BACKGROUND, FOREGROUND, validate_scribble
 
 __all__ = ["RandomForestSegmenter"]
+
+
+def _network_image(image: np.ndarray, what: str) -> np.ndarray:
+    """``image`` as an array if it is ``(3, H, W)``, the network's input layout."""
+    image = np.asarray(image)
+    if image.ndim != 3 or image.shape[0] != 3:
+        raise ValueError(
+            f"{what}: expected a normalised (3, H, W) image "
+            f"(s2l_core.augment.normalize_image), got shape {image.shape}"
+        )
+    return image
 
 
 class RandomForestSegmenter:
@@ -26,7 +37,7 @@ class RandomForestSegmenter:
     Parameters
     ----------
     n_estimators, max_depth : int, optional
-        Forest size.
+        Forest size; ``max_depth=None`` grows every tree to its full depth.
     sigma_min, sigma_max : float, optional
         Range of the Gaussian scales of the features.
     max_pixels_per_image : int, optional
@@ -34,18 +45,39 @@ class RandomForestSegmenter:
         between images).
     seed : int, optional
         Seed of the pixel sampling and the forest.
+
+    Raises
+    ------
+    ValueError
+        If a count is not a whole number of at least 1 (``seed``: 0), or the scales are
+        not ``0 < sigma_min <= sigma_max`` and finite.
     """
 
     def __init__(
         self,
         *,
         n_estimators: int = 100,
-        max_depth: int = 12,
+        max_depth: int | None = 12,
         sigma_min: float = 1.0,
         sigma_max: float = 16.0,
         max_pixels_per_image: int = 2000,
         seed: int = 0,
     ) -> None:
+        counts = {
+            "n_estimators": (n_estimators, 1), "max_depth": (max_depth, 1),
+            "max_pixels_per_image": (max_pixels_per_image, 1), "seed": (seed, 0),
+        }  # fmt: skip
+        if max_depth is None:  # a forest of unlimited depth, as scikit-learn allows
+            del counts["max_depth"]
+        for name, (value, minimum) in counts.items():
+            whole = isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+            if not (whole and value >= minimum):
+                raise ValueError(f"{name} must be a whole number >= {minimum}, got {value!r}")
+        if not 0 < sigma_min <= sigma_max < np.inf:  # False for NaN too
+            raise ValueError(
+                f"the feature scales must be 0 < sigma_min <= sigma_max and finite, got "
+                f"{sigma_min} and {sigma_max}"
+            )
         self.sigma_min, self.sigma_max = sigma_min, sigma_max
         self.max_pixels_per_image = max_pixels_per_image
         self.seed = seed
@@ -64,10 +96,26 @@ class RandomForestSegmenter:
         )
 
     def fit(self, images: Sequence[np.ndarray], scribbles: Sequence[np.ndarray]):
-        """Fit on normalised images ``(3, H, W)`` and their scribbles ``(H, W)``."""
+        """Fit on normalised images ``(3, H, W)`` and their scribbles ``(H, W)``.
+
+        Raises
+        ------
+        ValueError
+            If the lists differ in length, an image is not ``(3, H, W)``, a scribble is not
+            a valid scribble image of its image's ``(H, W)`` (the pair is named by its
+            position), or the scribbles hold no foreground or no background pixel.
+        """
+        images, scribbles = list(images), list(scribbles)
+        if len(images) != len(scribbles):
+            raise ValueError(f"{len(images)} images but {len(scribbles)} scribble images")
         rng = np.random.default_rng(self.seed)
         feats, labels = [], []
-        for image, scribble in zip(images, scribbles, strict=True):
+        for k, (image, scribble) in enumerate(zip(images, scribbles, strict=True)):
+            image = _network_image(image, f"image {k}")
+            try:
+                scribble = validate_scribble(scribble, image.shape[-2:])
+            except ValueError as err:  # a wrong shape would pick the wrong pixels
+                raise ValueError(f"image {k}: {err}") from None
             f = self.features(image)
             for value in (BACKGROUND, FOREGROUND):
                 idx = np.flatnonzero(scribble.ravel() == value)
@@ -87,7 +135,7 @@ class RandomForestSegmenter:
         """Foreground probability ``(H, W)`` ``float32`` of a normalised image."""
         if not self.fitted:
             raise RuntimeError("fit the random forest before predicting")
-        f = self.features(image)
+        f = self.features(_network_image(image, "predict_proba"))
         proba = self.classifier.predict_proba(f.reshape(-1, f.shape[-1]))
         fg_column = list(self.classifier.classes_).index(FOREGROUND + 1)
         return proba[:, fg_column].reshape(f.shape[:2]).astype(np.float32)

@@ -362,6 +362,32 @@ def test_random_forest_baseline(synthetic_samples):
         RandomForestSegmenter().fit(
             [train[0].image], [np.full(train[0].scribble.shape, 250, np.uint8)]
         )
+    # A scribble of another size used to be read at the wrong pixels, silently.
+    image, scribble = train[1].image, train[1].scribble
+    cases = [
+        ([train[0].image, image], [train[0].scribble, scribble[:-8, :-8]],
+         r"^image 1: scribble image has shape \(88, 88\), expected \(96, 96\)"),
+        ([image], [scribble, scribble], "1 images but 2 scribble images"),
+        ([np.moveaxis(image, 0, -1)], [scribble], r"image 0: expected a normalised \(3, H, W\)"),
+        ([image], [np.where(scribble == 1, 7, scribble)], "image 0: scribble image holds values"),
+    ]  # fmt: skip
+    for images, scribbles, message in cases:
+        with pytest.raises(ValueError, match=message):
+            RandomForestSegmenter(n_estimators=2).fit(images, scribbles)
+    with pytest.raises(ValueError, match=r"predict_proba: expected a normalised \(3, H, W\)"):
+        rf.predict_proba(np.moveaxis(test.image, 0, -1))
+    for bad, message in (
+        ({"n_estimators": 0}, "n_estimators must be a whole number >= 1, got 0"),
+        ({"max_pixels_per_image": 0}, "max_pixels_per_image must be a whole number >= 1"),
+        ({"max_depth": 2.5}, "max_depth must be a whole number >= 1"),
+        ({"seed": -1}, "seed must be a whole number >= 0"),
+        ({"sigma_min": 0.0}, "0 < sigma_min <= sigma_max and finite"),
+        ({"sigma_min": 20.0}, "0 < sigma_min <= sigma_max and finite"),
+        ({"sigma_max": float("nan")}, "0 < sigma_min <= sigma_max and finite"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            RandomForestSegmenter(**bad)
+    assert RandomForestSegmenter(max_depth=None).classifier.max_depth is None
 
 
 # ----------------------------------------------------------------------------- folders
