@@ -100,9 +100,26 @@ class TrainSample:
         scribble: np.ndarray,
         labels: np.ndarray | None = None,
     ) -> TrainSample:
-        """Build a sample from a raw image of any supported kind (normalised here)."""
+        """Build a sample from a raw image of any supported kind (normalised here).
+
+        Raises
+        ------
+        ValueError
+            If the image is of an unsupported kind, the scribble image is not a valid one
+            of the image's ``(H, W)``, or ``labels`` is not an ``(H, W)`` integer or
+            boolean image (which would only fail at validation, epochs later).
+        """
         x = normalize_image(image)  # first: an unsupported image is the error to report
-        return cls(image_id, x, validate_scribble(scribble, shape=x.shape[1:]), labels)
+        scribble = validate_scribble(scribble, shape=x.shape[1:])
+        if labels is not None:
+            labels = np.asarray(labels)
+            integer = labels.dtype == bool or np.issubdtype(labels.dtype, np.integer)
+            if labels.shape != x.shape[1:] or not integer:
+                raise ValueError(
+                    f"{image_id}: labels must be an integer (or boolean) image of the "
+                    f"image's shape {x.shape[1:]}, got {labels.dtype} {labels.shape}"
+                )
+        return cls(image_id, x, scribble, labels)
 
 
 def load_samples(

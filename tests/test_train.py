@@ -12,7 +12,7 @@ from s2l_core.augment import AugmentConfig
 from s2l_core.baselines import RandomForestSegmenter
 from s2l_core.metrics import f1_at, foreground_iou
 from s2l_core.predict import check_threshold, foreground_to_instances, load_model, predict_folder
-from s2l_core.train import PROFILES, TrainConfig, Trainer, load_checkpoint
+from s2l_core.train import PROFILES, TrainConfig, Trainer, TrainSample, load_checkpoint
 
 TINY = dict(
     epochs=4, batch_size=2, samples_per_epoch=4, warmup_epochs=1, ema_every=1, ema_start=0,
@@ -112,6 +112,17 @@ def test_config_refuses_bad_values_when_made(bad, message):
         TrainConfig(**bad)
     with pytest.raises(ValueError, match=message):
         TrainConfig.profile("cpu", **bad)
+
+
+def test_samples_refuse_labels_that_do_not_fit_the_image():
+    from conftest import synthetic_nuclei
+
+    image, labels = synthetic_nuclei(0)
+    scribble = np.full(labels.shape, 250, np.uint8)
+    for bad in (labels[:-8], labels.astype(np.float32)):
+        with pytest.raises(ValueError, match=r"^a: labels must be an integer \(or boolean\)"):
+            TrainSample.from_arrays("a", image, scribble, bad)
+    assert TrainSample.from_arrays("a", image, scribble, labels > 0).labels.dtype == bool
 
 
 def test_fit_refuses_bad_counts_before_training(synthetic_samples):
