@@ -180,12 +180,17 @@ class AnnotationLoop:
             raise ValueError(f"scribbles for unknown images: {unknown[:5]}")
         number = len(self.rounds) + 1
         folder = self.work_dir / f"round_{number:02d}"
-        samples = []
+        checked = {}  # checked before anything of the round is written
         for name, scribble in scribbles.items():
-            scribble = validate_scribble(scribble, self.normalized[name].shape[1:])
-            save_scribble(folder / "scribbles" / f"{name}.png", scribble)
-            if np.any(scribble != UNLABELLED):
-                samples.append(TrainSample(name, self.normalized[name], scribble))
+            try:
+                checked[name] = validate_scribble(scribble, self.normalized[name].shape[1:])
+            except ValueError as err:
+                raise ValueError(f"image {name!r}: {err}") from None
+        samples = [
+            TrainSample(name, self.normalized[name], scribble)
+            for name, scribble in checked.items()
+            if np.any(scribble != UNLABELLED)
+        ]
         labelled = np.concatenate([s.scribble[s.scribble != UNLABELLED] for s in samples] or [[]])
         if not (np.any(labelled == 0) and np.any(labelled == 1)):
             raise ValueError("scribble some foreground and some background before training")
@@ -193,7 +198,10 @@ class AnnotationLoop:
         previous = self.rounds[-1].checkpoint if self.rounds else self.start_from
         if previous is not None:
             trainer.load_weights(previous)
+        # fit checks ``epochs`` before it writes its first checkpoint into the folder.
         history = trainer.fit(epochs, checkpoint=folder / "state.pt", progress=False)
+        for name, scribble in checked.items():
+            save_scribble(folder / "scribbles" / f"{name}.png", scribble)
         history.to_csv(folder / "history.csv", index=False)
         checkpoint = trainer.export(folder / "model.pt", extra={"round": number})
         probabilities, scales = {}, {}

@@ -69,8 +69,11 @@ def test_loop_errors(tmp_path):
         loop.run_round(loop.blank_scribbles())
     with pytest.raises(ValueError, match="unknown images"):
         loop.run_round({"b": np.zeros((64, 64), np.uint8)})
-    with pytest.raises(ValueError, match="shape"):
+    with pytest.raises(ValueError, match=r"^image 'a': scribble image has shape \(10, 10\)"):
         loop.run_round({"a": np.zeros((10, 10), np.uint8)})
+    with pytest.raises(ValueError, match="epochs must be a whole number >= 0"):
+        loop.run_round({"a": np.where(image[..., 0] > 100, 1, 0).astype(np.uint8)}, epochs=-1)
+    assert not (tmp_path / "round_01").exists()  # a refused round writes nothing
     with pytest.raises(RuntimeError, match="run a round"):
         loop.export_labels(tmp_path / "out")
     with pytest.raises(FileNotFoundError, match="image folder not found"):
