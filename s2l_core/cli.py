@@ -129,6 +129,17 @@ def probability_argument(text: str) -> float:
     return value
 
 
+def ratio_argument(text: str) -> float:
+    """``--ratio`` and ``--ratios`` (an ``argparse`` type): a scribble ratio in (0, 1]."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not 0.0 < value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must lie in (0, 1], got {text!r}")
+    return value
+
+
 def threshold_argument(text: str) -> float:
     """``--threshold`` (an ``argparse`` type): a number strictly between 0 and 1."""
     try:
@@ -190,7 +201,7 @@ def build_parser() -> argparse.ArgumentParser:
     prep.add_argument("--split-seed", type=int, default=0, help="seed of the 60/20/20 split")
     prep.add_argument(
         "--ratios",
-        type=float,
+        type=ratio_argument,
         nargs="*",
         default=list(scribbles.RATIOS),
         help="scribble ratios to synthesize (none: skip scribbles)",
@@ -219,7 +230,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="s2l: Scribble2Label; pce: scribbles only; full: full masks",
     )  # fmt: skip
     tr.add_argument("--modality", default="fluorescence", choices=list(data.MODALITIES))
-    tr.add_argument("--ratio", type=float, default=0.3, help="scribble ratio")
+    tr.add_argument("--ratio", type=ratio_argument, default=0.3, help="scribble ratio")
     tr.add_argument("--images", help="folder of your own images")
     tr.add_argument("--scribbles", help="folder of their scribbles (same file names)")
     tr.add_argument("--scribble-format", default="s2l", choices=["s2l", "napari"])

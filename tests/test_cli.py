@@ -27,6 +27,19 @@ def test_cli_prepare(make_archive, tmp_path, capsys):
     assert (tmp_path / "bbbc038" / "scribbles" / "seed0" / "r050" / "img00.png").is_file()
 
 
+def test_cli_refuses_bad_ratios_before_any_work(tmp_path, capsys):
+    """A ratio outside (0, 1] is an argument error, before any data is prepared."""
+    for command in (
+        ["prepare", "--cache-dir", str(tmp_path), "--ratios", "0.3", "0"],
+        ["train", "--cache-dir", str(tmp_path), "--ratio", "1.5", "--out", "x.pt"],
+        ["train", "--cache-dir", str(tmp_path), "--ratio", "nan", "--out", "x.pt"],
+    ):
+        with pytest.raises(SystemExit):
+            main(command)
+        assert "must lie in (0, 1]" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_cli_reports_bad_source(tmp_path, capsys):
     status = main(["prepare", "--source", str(tmp_path / "nope.zip"), "--cache-dir", str(tmp_path)])
     assert status == 2
