@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from s2l_core import data, scribbles
 
@@ -118,37 +118,31 @@ def scale_argument(text: str) -> float | str:
     return value
 
 
-def probability_argument(text: str) -> float:
-    """``--min-peak`` (an ``argparse`` type): a number in [0, 1]."""
+def _number_in(text: str, inside: Callable[[float], bool], interval: str) -> float:
+    """``text`` as a number for which ``inside`` holds, or an argparse error naming
+    ``interval``."""
     try:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not 0.0 <= value <= 1.0:
-        raise argparse.ArgumentTypeError(f"must lie in [0, 1], got {text!r}")
+    if not inside(value):  # False for NaN too
+        raise argparse.ArgumentTypeError(f"must lie in {interval}, got {text!r}")
     return value
+
+
+def probability_argument(text: str) -> float:
+    """``--min-peak`` (an ``argparse`` type): a number in [0, 1]."""
+    return _number_in(text, lambda v: 0.0 <= v <= 1.0, "[0, 1]")
 
 
 def ratio_argument(text: str) -> float:
     """``--ratio`` and ``--ratios`` (an ``argparse`` type): a scribble ratio in (0, 1]."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not 0.0 < value <= 1.0:
-        raise argparse.ArgumentTypeError(f"must lie in (0, 1], got {text!r}")
-    return value
+    return _number_in(text, lambda v: 0.0 < v <= 1.0, "(0, 1]")
 
 
 def threshold_argument(text: str) -> float:
-    """``--threshold`` (an ``argparse`` type): a number strictly between 0 and 1."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not 0.0 < value < 1.0:
-        raise argparse.ArgumentTypeError(f"must lie strictly between 0 and 1, got {text!r}")
-    return value
+    """``--threshold`` (an ``argparse`` type): a number in (0, 1)."""
+    return _number_in(text, lambda v: 0.0 < v < 1.0, "(0, 1)")
 
 
 def _predict(args: argparse.Namespace) -> int:
