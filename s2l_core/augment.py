@@ -98,9 +98,13 @@ def normalize_image(image: np.ndarray, low: float = 1.0, high: float = 99.8) -> 
     Raises
     ------
     ValueError
-        If the shape or dtype is not an image's, the image is empty, or no pixel is
-        finite.
+        If the shape or dtype is not an image's, the image is empty, no pixel is
+        finite, or ``low`` and ``high`` are not percentiles with ``low < high``.
     """
+    if not 0 <= low < high <= 100:  # False for NaN too
+        raise ValueError(
+            f"low and high must be percentiles with 0 <= low < high <= 100, got {low} and {high}"
+        )
     image = np.asarray(image)
     if image.ndim == 3 and image.shape[2] in (1, 3, 4):
         image = image[..., :3] if image.shape[2] >= 3 else image[..., 0]

@@ -220,6 +220,15 @@ def test_augment_config_refuses_bad_ranges(bad, message):
         AugmentConfig(**bad)
 
 
+def test_normalize_refuses_percentiles_out_of_order():
+    image = np.arange(100, dtype=np.uint8).reshape(10, 10)
+    for low, high in ((99.0, 1.0), (50.0, 50.0), (-1.0, 99.8), (1.0, 101.0), (float("nan"), 99)):
+        with pytest.raises(ValueError, match="low and high must be percentiles"):
+            normalize_image(image, low=low, high=high)
+    x = normalize_image(image, low=0, high=100)
+    assert x.min() == 0.0 and x.max() == 1.0
+
+
 def test_augment_config_takes_lists_and_numpy_numbers():
     config = AugmentConfig(crop_size=np.int64(64), zoom=[1, 2], illumination=[-0.2, 0.5])
     assert type(config.crop_size) is int and config.zoom == (1.0, 2.0)
