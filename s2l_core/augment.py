@@ -15,6 +15,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from s2l_core.checks import whole_number
 from s2l_core.scribbles import UNLABELLED
 
 __all__ = ["MAX_CHANNELS", "AugmentConfig", "normalize_image", "random_crops", "select_channel"]
@@ -201,10 +202,8 @@ class AugmentConfig:
     p_gamma: float = 0.5
 
     def __post_init__(self) -> None:
-        crop = self.crop_size
-        if isinstance(crop, bool) or not isinstance(crop, (int, np.integer)) or crop < 1:
-            raise ValueError(f"crop_size must be a whole number of pixels >= 1, got {crop!r}")
-        object.__setattr__(self, "crop_size", int(crop))
+        crop = whole_number("crop_size", self.crop_size, 1, unit="pixels")
+        object.__setattr__(self, "crop_size", crop)
         for name, lowest in (("zoom", 0.0), ("illumination", -math.inf)):
             value = getattr(self, name)
             try:

@@ -15,6 +15,7 @@ from skimage.feature import multiscale_basic_features
 from skimage.future import fit_segmenter
 from sklearn.ensemble import RandomForestClassifier
 
+from s2l_core.checks import whole_number
 from s2l_core.scribbles import BACKGROUND, FOREGROUND, validate_scribble
 
 __all__ = ["RandomForestSegmenter"]
@@ -70,9 +71,7 @@ class RandomForestSegmenter:
         if max_depth is None:  # a forest of unlimited depth, as scikit-learn allows
             del counts["max_depth"]
         for name, (value, minimum) in counts.items():
-            whole = isinstance(value, (int, np.integer)) and not isinstance(value, bool)
-            if not (whole and value >= minimum):
-                raise ValueError(f"{name} must be a whole number >= {minimum}, got {value!r}")
+            whole_number(name, value, minimum)
         if not 0 < sigma_min <= sigma_max < np.inf:  # False for NaN too
             raise ValueError(
                 f"the feature scales must be 0 < sigma_min <= sigma_max and finite, got "

@@ -24,6 +24,7 @@ from skimage.segmentation import relabel_sequential, watershed
 from tqdm.auto import tqdm
 
 from s2l_core.augment import normalize_image, select_channel
+from s2l_core.checks import whole_number
 from s2l_core.files import IMAGE_SUFFIXES, atomic_dir, read_image, write_image, write_json
 from s2l_core.infer import predict_foreground
 from s2l_core.model import from_config
@@ -138,14 +139,6 @@ def check_threshold(threshold: float) -> float:
     return float(threshold)
 
 
-def _check_min_size(min_size: int) -> int:
-    """Check a ``min_size`` option: a whole number of pixels, at least 0 (0 and 1 keep
-    every object)."""
-    if isinstance(min_size, bool) or not isinstance(min_size, (int, np.integer)) or min_size < 0:
-        raise ValueError(f"min_size must be a whole number of pixels >= 0, got {min_size!r}")
-    return int(min_size)
-
-
 def _check_method(method: str) -> str:
     """Check an instance ``method`` option (:func:`foreground_to_instances`).
 
@@ -203,7 +196,7 @@ def foreground_to_instances(
     _check_method(method)
     threshold = check_threshold(threshold)
     check_min_peak(min_peak)
-    min_size = _check_min_size(min_size)
+    min_size = whole_number("min_size", min_size, 0, unit="pixels")  # 0 and 1 keep all
     number = isinstance(split_depth, (int, float, np.number)) and not isinstance(split_depth, bool)
     if not (number and 0 < split_depth < np.inf):  # NaN crashed h_maxima outright
         raise ValueError(
@@ -621,7 +614,7 @@ def predict_folder(
     scale = check_scale(scale)
     check_min_peak(min_peak)
     check_threshold(threshold)
-    _check_min_size(min_size)
+    whole_number("min_size", min_size, 0, unit="pixels")
     if mode == "instance":
         _check_method(method)
     if suffix is not None and suffix.lower() not in (".tif", ".tiff", ".png"):

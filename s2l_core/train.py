@@ -36,6 +36,7 @@ import torch
 from tqdm.auto import tqdm
 
 from s2l_core.augment import AugmentConfig, normalize_image, random_crops, select_channel
+from s2l_core.checks import whole_number
 from s2l_core.files import atomic_path
 from s2l_core.infer import autocast_context, predict_foreground
 from s2l_core.losses import (
@@ -240,14 +241,6 @@ def load_folder_samples(
     return samples
 
 
-def _check_whole(name: str, value: Any, minimum: int) -> int:
-    """``value`` as an ``int`` if it is a whole number >= ``minimum``; else a ValueError
-    that names it."""
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-        raise ValueError(f"{name} must be a whole number >= {minimum}, got {value!r}")
-    return int(value)
-
-
 @dataclass
 class TrainConfig:
     """Every setting of a training run (defaults: the original implementation's).
@@ -351,13 +344,8 @@ class TrainConfig:
             raise ValueError(f"optimizer must be 'radam' or 'adamw', got {self.optimizer!r}")
         if self.select not in SELECTIONS:
             raise ValueError(f"select must be one of {SELECTIONS}, got {self.select!r}")
-        if not (math.isfinite(self.affinity) and self.affinity >= 0 and self.affinity_sigma > 0):
-            raise ValueError(
-                f"affinity must be finite and >= 0 and affinity_sigma > 0, got "
-                f"{self.affinity} and {self.affinity_sigma}"
-            )
-        if not (math.isfinite(self.dice) and self.dice >= 0):
-            raise ValueError(f"dice must be finite and >= 0, got {self.dice}")
+        if not self.affinity_sigma > 0:  # False for NaN too
+            raise ValueError(f"affinity_sigma must be > 0, got {self.affinity_sigma}")
         self._check_schedule()
         if isinstance(self.augment, dict):
             self.augment = AugmentConfig.from_dict(self.augment)
@@ -374,11 +362,12 @@ class TrainConfig:
             whole["samples_per_epoch"] = 1
         for name, minimum in whole.items():
             # NumPy integers become plain ints (JSON-safe).
-            setattr(self, name, _check_whole(name, getattr(self, name), minimum))
+            setattr(self, name, whole_number(name, getattr(self, name), minimum))
         rates = {  # name: (lowest value allowed, whether it may be equalled, upper limit)
             "alpha": (0.0, False, 1.0), "lam": (0.0, True, math.inf),
             "lr_encoder": (0.0, False, math.inf), "lr_decoder": (0.0, False, math.inf),
             "weight_decay": (0.0, True, math.inf), "eta_min": (0.0, True, math.inf),
+            "affinity": (0.0, True, math.inf), "dice": (0.0, True, math.inf),
         }  # fmt: skip
         for name, (low, closed, high) in rates.items():
             value = getattr(self, name)
@@ -736,8 +725,8 @@ class Trainer:
             The history, one row per epoch.
         """
         c = self.config
-        total = c.epochs if epochs is None else _check_whole("epochs", epochs, 0)
-        _check_whole("checkpoint_every", checkpoint_every, 1)
+        total = c.epochs if epochs is None else whole_number("epochs", epochs, 0)
+        whole_number("checkpoint_every", checkpoint_every, 1)
         bar = tqdm(total=total, initial=self.epoch, desc="training", disable=not progress)
         while self.epoch < total:
             start = time.perf_counter()
