@@ -6,7 +6,8 @@ nuclei brought towards 40 pixels across, at most 2x) and by ``auto@D`` (towards 
 pixels), with the watershed instances and scores of ``bench_quality.py``, overall and
 per image size, with the median time of the prediction per image; ``--min-peaks`` adds
 hysteresis levels, ``--min-sizes`` smallest object sizes, ``--thresholds`` foreground
-thresholds, and ``--tta off on`` scores without and with test-time augmentation.
+thresholds (with the best threshold of each image, found with its true mask, as a bound),
+and ``--tta off on`` scores without and with test-time augmentation.
 No training: it reads checkpoints, e.g. those the quality benchmark writes.
 
 Usage::
@@ -159,7 +160,39 @@ def to_markdown(per_image: pd.DataFrame, command: str, modality: str) -> str:
         sizes.columns = [f"{c} ({counts[c]})" for c in sizes.columns]
         sizes = sizes.round(3).reset_index().to_markdown(index=False)
         lines += [f"IoU per image size ({split}):", "", sizes, ""]
+        bound = threshold_bound(part)
+        if bound is not None:
+            lines += [
+                f"Best threshold per image ({split}): each image's highest IoU over the "
+                "thresholds scored, chosen with its true mask. Not a method: the most any "
+                "rule that sets the threshold image by image could reach with this "
+                "prediction.",
+                "",
+                bound.round(4).reset_index().to_markdown(index=False),
+                "",
+            ]
     return "\n".join(lines)
+
+
+def threshold_bound(per_image: pd.DataFrame) -> pd.DataFrame | None:
+    """Mean over images of each image's best IoU over the thresholds scored, per method,
+    scale, ``tta``, ``min_peak`` and ``min_size``, with the mean IoU at the one
+    threshold that is best over all images beside it; ``None`` with one threshold.
+
+    The best threshold of an image is found with its true mask, so this is an upper
+    bound for rules that choose a threshold per image, not a score of one."""
+    if per_image["threshold"].nunique() < 2:
+        return None
+    keys = ["method", "scale", "tta", "min_peak", "min_size"]
+    fixed = per_image.groupby([*keys, "threshold"], sort=False)["iou"].mean()
+    best = per_image.groupby([*keys, "image_id"], sort=False)["iou"].max()
+    return pd.DataFrame(
+        {
+            "best fixed threshold": fixed.groupby(keys, sort=False).idxmax().str[-1],
+            "iou at it": fixed.groupby(keys, sort=False).max(),
+            "iou, best per image": best.groupby(keys, sort=False).mean(),
+        }
+    )
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -218,6 +251,15 @@ def main(argv: list[str] | None = None) -> None:
     output = args.output or HERE / "results" / f"scale_{args.modality}.json"
     keys = ["split", "method", "scale", "tta", "min_peak", "min_size", "threshold"]
     summary = per_image.groupby(keys, sort=False)[list(SCORES)].mean()
+    bounds = []
+    for split, part in per_image.groupby("split", sort=False):
+        bound = threshold_bound(part)
+        if bound is not None:
+            bounds += [
+                {"split": split} | dict(zip(bound.index.names, index, strict=True))
+                | row.round(4).to_dict()
+                for index, row in bound.iterrows()
+            ]  # fmt: skip
     write_json(
         output,
         {
@@ -228,6 +270,7 @@ def main(argv: list[str] | None = None) -> None:
                 dict(zip(keys, index, strict=True)) | row.round(4).to_dict()
                 for index, row in summary.iterrows()
             ],
+            "threshold_bound": bounds,
             "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
             "threads": torch.get_num_threads(),
             "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},

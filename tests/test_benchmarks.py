@@ -146,6 +146,35 @@ def test_scale_tables_are_means_per_method_scale_and_size():
     assert "256x256 (2)" in text and "512x640 (1)" in text
 
 
+def test_threshold_bound_takes_each_images_best_threshold():
+    """Image a scores best at 0.3 (0.9, against 0.6), image b at 0.5 (0.9, against 0.5):
+    the best fixed threshold is 0.5 (mean 0.75, against 0.7), the bound 0.9."""
+    ious = {("a", 0.3): 0.9, ("a", 0.5): 0.6, ("b", 0.3): 0.5, ("b", 0.5): 0.9}
+    rows = [
+        {"image_id": image_id, "size": "256x256", "predict_s": 0.1, "iou": iou, "ap": 0.4,
+         "f1": 0.5, "aji": 0.3, "scale_used": 1.0, "area_ratio": 1.0, "method": "s2l",
+         "split": "test", "scale": "auto", "tta": True, "min_peak": "0.99", "min_size": 24,
+         "threshold": threshold}
+        for (image_id, threshold), iou in ious.items()
+    ]  # fmt: skip
+    per_image = pd.DataFrame(rows)
+    bound = scale_bench.threshold_bound(per_image)
+    assert len(bound) == 1
+    row = bound.iloc[0]
+    assert row["best fixed threshold"] == 0.5
+    assert row["iou at it"] == pytest.approx(0.75)
+    assert row["iou, best per image"] == pytest.approx(0.9)
+    text = scale_bench.to_markdown(per_image, "python bench_scale.py", "fluorescence")
+    bound_rows = text.split("Best threshold per image (test)")[1].splitlines()
+    (line,) = [line for line in bound_rows if line.startswith("| s2l")]
+    cells = [c.strip() for c in line.strip("|").split("|")]
+    assert cells[:5] == ["s2l", "auto", "True", "0.99", "24"]
+    assert [float(c) for c in cells[5:]] == pytest.approx([0.5, 0.75, 0.9])
+    one = per_image[per_image["threshold"] == 0.5]
+    assert scale_bench.threshold_bound(one) is None
+    assert "Best threshold per image" not in scale_bench.to_markdown(one, "c", "fluorescence")
+
+
 def _two_nuclei() -> list[tuple[str, np.ndarray, np.ndarray]]:
     """One image whose first channel is its truth: nuclei of 64 and 80 pixels."""
     truth = np.zeros((24, 32), np.uint16)
