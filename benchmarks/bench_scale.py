@@ -165,8 +165,8 @@ def to_markdown(per_image: pd.DataFrame, command: str, modality: str) -> str:
             lines += [
                 f"Best threshold per image ({split}): each image's highest IoU over the "
                 "thresholds scored, chosen with its true mask. Not a method: the most any "
-                "rule that sets the threshold image by image could reach with this "
-                "prediction.",
+                "rule that sets the threshold image by image, among these thresholds, "
+                "could reach with this prediction.",
                 "",
                 bound.round(4).reset_index().to_markdown(index=False),
                 "",
@@ -180,7 +180,7 @@ def threshold_bound(per_image: pd.DataFrame) -> pd.DataFrame | None:
     threshold that is best over all images beside it; ``None`` with one threshold.
 
     The best threshold of an image is found with its true mask, so this is an upper
-    bound for rules that choose a threshold per image, not a score of one."""
+    bound for rules that choose one of these thresholds per image, not a score of one."""
     if per_image["threshold"].nunique() < 2:
         return None
     keys = ["method", "scale", "tta", "min_peak", "min_size"]
