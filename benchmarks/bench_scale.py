@@ -7,7 +7,8 @@ pixels), with the watershed instances and scores of ``bench_quality.py``, overal
 per image size, with the median time of the prediction per image; ``--min-peaks`` adds
 hysteresis levels, ``--min-sizes`` smallest object sizes, ``--thresholds`` foreground
 thresholds (with the best threshold of each image, found with its true mask, as a bound),
-and ``--tta off on`` scores without and with test-time augmentation.
+``--smooths`` Gaussian smoothings of the probability before thresholding, and
+``--tta off on`` scores without and with test-time augmentation.
 No training: it reads checkpoints, e.g. those the quality benchmark writes.
 
 Usage::
@@ -34,7 +35,12 @@ import pandas as pd
 import torch
 
 from s2l_core import data
-from s2l_core.cli import probability_argument, scale_argument, threshold_argument
+from s2l_core.cli import (
+    probability_argument,
+    scale_argument,
+    smooth_argument,
+    threshold_argument,
+)
 from s2l_core.evaluate import SCORES, dataset_images, score_images
 from s2l_core.files import atomic_path, write_json
 from s2l_core.predict import load_model, predict_probability
@@ -42,6 +48,8 @@ from s2l_core.predict import load_model, predict_probability
 HERE = Path(__file__).resolve().parent
 DEFAULT_MIRROR = HERE.parent.parent / "shared" / "data" / "bbbc038" / "stage1_train.zip"
 SHOWN = ["iou", "ap", "f1", "aji"]
+#: The settings a row of the tables is scored under, besides the threshold.
+SETTINGS = ("method", "scale", "tta", "min_peak", "min_size", "smooth")
 
 
 def parse_scale(text: str) -> float | str:
@@ -94,9 +102,11 @@ def score_checkpoint(
     tta=False,
     min_sizes=(16,),
     thresholds=(0.5,),
+    smooths=(0.0,),
 ) -> pd.DataFrame:
     """Score one checkpoint at one scale, predicting each image once and scoring that
-    prediction at every foreground threshold, ``min_peak`` and ``min_size``; one row per
+    prediction at every foreground threshold, ``min_peak``, ``min_size`` and ``smooth``
+    (:func:`s2l_core.predict.foreground_to_instances`); one row per
     image and combination, with the scale used, the time of the prediction and
     ``area_ratio``, the predicted foreground's area over the true one's. ``tta``:
     test-time augmentation (:func:`s2l_core.predict.predict_probability`). With
@@ -111,17 +121,19 @@ def score_checkpoint(
         prob, chosen = predict_probability(model, image, device=device, tta=tta, **kwargs)
         seconds = time.perf_counter() - start
         true_area = max(int((truth > 0).sum()), 1)
-        for threshold, peak, size in itertools.product(thresholds, min_peaks, min_sizes):
+        settings = itertools.product(thresholds, min_peaks, min_sizes, smooths)
+        for threshold, peak, size, smooth in settings:
             labels = {}
             one = [(image_id, image, truth)]
             row = score_images(
                 lambda _, p=prob: p, one, labels_out=labels, min_peak=peak, min_size=size,
-                threshold=threshold,
+                threshold=threshold, smooth=smooth,
             )  # fmt: skip
             area = (labels[image_id]["watershed"] > 0).sum() / true_area
             row = row.assign(
                 predict_s=seconds, scale=str(scale), min_peak=str(peak), tta=tta,
-                min_size=size, threshold=threshold, scale_used=chosen, area_ratio=area,
+                min_size=size, threshold=threshold, smooth=smooth, scale_used=chosen,
+                area_ratio=area,
             )  # fmt: skip
             tables.append(row)
     return pd.concat(tables, ignore_index=True)
@@ -140,7 +152,7 @@ def to_markdown(per_image: pd.DataFrame, command: str, modality: str) -> str:
         "area.",
         "",
     ]
-    keys = ["split", "method", "scale", "tta", "min_peak", "min_size", "threshold"]
+    keys = ["split", *SETTINGS, "threshold"]
     for split, part in per_image.groupby("split", sort=False):
         table = part.groupby(keys[1:], sort=False).agg(
             **{k: (k, "mean") for k in SHOWN},
@@ -183,7 +195,7 @@ def threshold_bound(per_image: pd.DataFrame) -> pd.DataFrame | None:
     bound for rules that choose one of these thresholds per image, not a score of one."""
     if per_image["threshold"].nunique() < 2:
         return None
-    keys = ["method", "scale", "tta", "min_peak", "min_size"]
+    keys = list(SETTINGS)
     fixed = per_image.groupby([*keys, "threshold"], sort=False)["iou"].mean()
     best = per_image.groupby([*keys, "image_id"], sort=False)["iou"].max()
     return pd.DataFrame(
@@ -213,6 +225,11 @@ def main(argv: list[str] | None = None) -> None:
         help="foreground thresholds to score (foreground_to_instances threshold)",
     )  # fmt: skip
     parser.add_argument(
+        "--smooths", nargs="+", type=smooth_argument, default=[0.0],
+        help="Gaussian smoothings (pixels) of the probability to score "
+        "(foreground_to_instances smooth); 0 is off",
+    )  # fmt: skip
+    parser.add_argument(
         "--tta", nargs="+", choices=["off", "on"], default=["off"],
         help="score without ('off') and/or with ('on') test-time augmentation",
     )  # fmt: skip
@@ -234,14 +251,14 @@ def main(argv: list[str] | None = None) -> None:
                 images = dataset_images(dataset, ids)
                 scores = score_checkpoint(
                     model, device, images, scale, args.min_peaks, tta=tta == "on",
-                    min_sizes=args.min_sizes, thresholds=args.thresholds,
+                    min_sizes=args.min_sizes, thresholds=args.thresholds, smooths=args.smooths,
                 )  # fmt: skip
                 tables.append(scores.assign(method=name, split=split))
-                settings = ["threshold", "min_peak", "min_size"]
-                for (threshold, peak, size), part in scores.groupby(settings, sort=False):
+                settings = ["threshold", "min_peak", "min_size", "smooth"]
+                for (threshold, peak, size, smooth), part in scores.groupby(settings, sort=False):
                     print(
                         f"{name:6s} {split:5s} scale {scale!s:5s} tta {tta:3s} min_peak {peak:5s} "
-                        f"min_size {size:3d} threshold {threshold:.2f} "
+                        f"min_size {size:3d} smooth {smooth:.2f} threshold {threshold:.2f} "
                         f"IoU {part['iou'].mean():.4f} AP {part['ap'].mean():.4f}  "
                         f"{part['predict_s'].median():.2f} s/img",
                         flush=True,
@@ -249,7 +266,7 @@ def main(argv: list[str] | None = None) -> None:
     per_image = pd.concat(tables, ignore_index=True).drop(columns="instances")
     command = "python " + " ".join(shlex.quote(a) for a in sys.argv)
     output = args.output or HERE / "results" / f"scale_{args.modality}.json"
-    keys = ["split", "method", "scale", "tta", "min_peak", "min_size", "threshold"]
+    keys = ["split", *SETTINGS, "threshold"]
     summary = per_image.groupby(keys, sort=False)[list(SCORES)].mean()
     bounds = []
     for split, part in per_image.groupby("split", sort=False):

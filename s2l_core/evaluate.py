@@ -53,6 +53,7 @@ def score_images(
     threshold: float = 0.5,
     min_peak: float | None = None,
     min_size: int = 16,
+    smooth: float = 0.0,
     labels_out: dict | None = None,
     progress: bool = False,
 ) -> pd.DataFrame:
@@ -76,6 +77,9 @@ def score_images(
         (:func:`s2l_core.predict.foreground_to_instances`).
     min_size : int, optional
         Smallest object kept, in pixels.
+    smooth : float, optional
+        Gaussian smoothing (pixels) of the probability before thresholding
+        (:func:`s2l_core.predict.foreground_to_instances`).
     labels_out : dict, optional
         If given, receives ``labels_out[image_id][method]``: the predicted instance labels.
     progress : bool, optional
@@ -105,8 +109,9 @@ def score_images(
             )
         for method in instances:
             labels = foreground_to_instances(
-                prob, threshold=threshold, method=method, min_peak=min_peak, min_size=min_size
-            )
+                prob, threshold=threshold, method=method, min_peak=min_peak, min_size=min_size,
+                smooth=smooth,
+            )  # fmt: skip
             scores = evaluate_image(labels, truth)
             rows.append(
                 {

@@ -12,7 +12,8 @@ model is wrong or unsure. Every round keeps its own scribbles and checkpoint::
 
 The predictions take the same options as :func:`s2l_core.predict.predict_folder` and
 ``s2l predict``: a magnification (``scale``, ``"auto"`` for small nuclei), test-time
-augmentation (``tta``) and the hysteresis level of the exported labels (``min_peak``).
+augmentation (``tta``), and the hysteresis level and smoothing of the exported labels
+(``min_peak``, ``smooth``).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from s2l_core.files import IMAGE_SUFFIXES, read_image
 from s2l_core.predict import (
     check_min_peak,
     check_scale,
+    check_smooth,
     foreground_to_instances,
     predict_probability,
     save_labels,
@@ -100,12 +102,16 @@ class AnnotationLoop:
         :meth:`export_labels` drops regions whose probability never exceeds it
         (:func:`s2l_core.predict.foreground_to_instances`; e.g.
         :data:`s2l_core.predict.MIN_PEAK`).
+    smooth : float, optional
+        :meth:`export_labels` smooths each probability by a Gaussian of this many pixels
+        before thresholding (:func:`s2l_core.predict.foreground_to_instances`; e.g.
+        :data:`s2l_core.predict.SMOOTH`).
 
     Raises
     ------
     ValueError
         No image, a channel the images lack, a ``scale`` that is neither ``"auto"`` nor a
-        positive number, or a ``min_peak`` outside [0, 1].
+        positive number, a ``min_peak`` outside [0, 1], or a negative ``smooth``.
     """
 
     def __init__(
@@ -120,9 +126,11 @@ class AnnotationLoop:
         scale: float | str = 1.0,
         tta: bool = False,
         min_peak: float | None = None,
+        smooth: float = 0.0,
     ) -> None:
         self.scale = check_scale(scale)
         self.min_peak = check_min_peak(min_peak)
+        self.smooth = check_smooth(smooth)
         self.tta = bool(tta)
         if isinstance(images, Mapping):
             images = {str(k): np.asarray(v) for k, v in images.items()}
@@ -224,7 +232,8 @@ class AnnotationLoop:
         """Write instance label images of the last round (napari / Fiji open them).
 
         The foreground of each probability is split into nuclei
-        (:func:`s2l_core.predict.foreground_to_instances`, with the loop's ``min_peak``).
+        (:func:`s2l_core.predict.foreground_to_instances`, with the loop's ``min_peak``
+        and ``smooth``).
 
         Parameters
         ----------
@@ -249,7 +258,7 @@ class AnnotationLoop:
         for name, prob in self.rounds[-1].probabilities.items():
             path = out_dir / f"{name}{suffix}"
             labels = foreground_to_instances(
-                prob, method=method, min_size=min_size, min_peak=self.min_peak
+                prob, method=method, min_size=min_size, min_peak=self.min_peak, smooth=self.smooth
             )
             save_labels(path, labels)
             written.append(path)

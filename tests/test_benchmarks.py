@@ -125,7 +125,8 @@ def test_scale_tables_are_means_per_method_scale_and_size():
                     {"image_id": f"{split}{i}", "size": size, "predict_s": 0.1, "iou": base + bump,
                      "ap": 0.4, "f1": 0.5, "aji": 0.3, "scale_used": 1.0 if scale == "1.0" else 2.0,
                      "area_ratio": 1.0 + bump, "method": "s2l", "split": split, "scale": scale,
-                     "tta": False, "min_peak": "None", "min_size": 16, "threshold": 0.5}
+                     "tta": False, "min_peak": "None", "min_size": 16, "smooth": 0.0,
+                     "threshold": 0.5}
                 )  # fmt: skip
     text = scale_bench.to_markdown(pd.DataFrame(rows), "python bench_scale.py", "fluorescence")
     assert "## val (3 images)" in text and "## test (3 images)" in text
@@ -137,12 +138,12 @@ def test_scale_tables_are_means_per_method_scale_and_size():
     # per split: the overall rows (scale 1, auto), then the per-size rows (scale 1, auto)
     assert len(table) == 8
     overall_auto, sizes_auto = table[1], table[3]
-    # method, scale, tta, min_peak, min_size, threshold
-    assert overall_auto[:6] == ["s2l", "auto", "False", "None", "16", "0.5"]
-    assert float(overall_auto[6]) == pytest.approx(0.8)  # mean of 0.7, 0.9 and 0.8
+    # method, scale, tta, min_peak, min_size, smooth, threshold
+    assert overall_auto[:7] == ["s2l", "auto", "False", "None", "16", "0", "0.5"]
+    assert float(overall_auto[7]) == pytest.approx(0.8)  # mean of 0.7, 0.9 and 0.8
     assert float(overall_auto[-2]) == 2.0  # mean scale
     assert float(overall_auto[-1]) == pytest.approx(1.1)  # median area ratio
-    assert [float(c) for c in sizes_auto[6:]] == pytest.approx([0.8, 0.8])
+    assert [float(c) for c in sizes_auto[7:]] == pytest.approx([0.8, 0.8])
     assert "256x256 (2)" in text and "512x640 (1)" in text
 
 
@@ -154,7 +155,7 @@ def test_threshold_bound_takes_each_images_best_threshold():
         {"image_id": image_id, "size": "256x256", "predict_s": 0.1, "iou": iou, "ap": 0.4,
          "f1": 0.5, "aji": 0.3, "scale_used": 1.0, "area_ratio": 1.0, "method": "s2l",
          "split": "test", "scale": "auto", "tta": True, "min_peak": "0.99", "min_size": 24,
-         "threshold": threshold}
+         "smooth": 0.0, "threshold": threshold}
         for (image_id, threshold), iou in ious.items()
     ]  # fmt: skip
     per_image = pd.DataFrame(rows)
@@ -168,8 +169,8 @@ def test_threshold_bound_takes_each_images_best_threshold():
     bound_rows = text.split("Best threshold per image (test)")[1].splitlines()
     (line,) = [line for line in bound_rows if line.startswith("| s2l")]
     cells = [c.strip() for c in line.strip("|").split("|")]
-    assert cells[:5] == ["s2l", "auto", "True", "0.99", "24"]
-    assert [float(c) for c in cells[5:]] == pytest.approx([0.5, 0.75, 0.9])
+    assert cells[:6] == ["s2l", "auto", "True", "0.99", "24", "0"]
+    assert [float(c) for c in cells[6:]] == pytest.approx([0.5, 0.75, 0.9])
     one = per_image[per_image["threshold"] == 0.5]
     assert scale_bench.threshold_bound(one) is None
     assert "Best threshold per image" not in scale_bench.to_markdown(one, "c", "fluorescence")
@@ -219,3 +220,13 @@ def test_score_checkpoint_scores_every_threshold_of_one_prediction():
     assert rows["threshold"].tolist() == [0.3, 0.5]
     assert rows["iou"].tolist() == pytest.approx([1.0, 64 / 144])
     assert rows["area_ratio"].tolist() == pytest.approx([1.0, 64 / 144])
+
+
+def test_score_checkpoint_scores_every_smoothing_of_one_prediction():
+    """Smoothed by a Gaussian of 1 pixel, each 8x8 or 8x10 nucleus loses its four corner
+    pixels: IoU (64 + 80 - 8) / 144 against 1 unsmoothed."""
+    model = BrightNet()
+    rows = scale_bench.score_checkpoint(model, "cpu", _two_nuclei(), 1.0, smooths=(0.0, 1.0))
+    assert len(model.seen) == 1
+    assert rows["smooth"].tolist() == [0.0, 1.0]
+    assert rows["iou"].tolist() == pytest.approx([1.0, 136 / 144])

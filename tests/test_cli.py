@@ -110,7 +110,14 @@ def test_cli_train_and_predict_own_images(tmp_path, capsys):
         with pytest.raises(SystemExit):
             main([*args[:3], str(tmp_path / "y"), "--threshold", bad])
     assert "--threshold" in capsys.readouterr().err
+    for bad in ("-1", "nan", "inf", "wide"):
+        with pytest.raises(SystemExit):
+            main([*args[:3], str(tmp_path / "y"), "--smooth", bad])
+    assert "--smooth" in capsys.readouterr().err
     assert not (tmp_path / "y").exists()
+    smoothed = tmp_path / "smoothed"
+    assert main([*args[:3], str(smoothed), "--quiet", "--smooth", "0.75"]) == 0
+    assert json.loads((smoothed / "s2l_predict.json").read_text())["smooth"] == 0.75
 
 
 def test_cli_trains_and_predicts_one_channel_of_two(tmp_path, capsys):

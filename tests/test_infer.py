@@ -163,6 +163,25 @@ def test_semantic_mask_with_min_peak_keeps_confident_regions_and_their_holes():
     assert labels.max() == 1 and not labels[5:25, 35:55].any()
 
 
+def test_smooth_applies_to_labels_and_the_semantic_mask_not_to_the_probability():
+    """A bright 15x15 block and a bright one-pixel speck: smoothed by a Gaussian of 1
+    pixel, the speck and the block's four corners go from the mask and the labels; the
+    probability returned is the network's own."""
+    image = np.zeros((30, 30), np.float32)
+    image[5:20, 5:20] = 1.0
+    image[25, 25] = 1.0
+    prob, mask = predict_image(BrightNet(), image, instances=None)
+    smooth_prob, smooth_mask = predict_image(BrightNet(), image, instances=None, smooth=1.0)
+    np.testing.assert_array_equal(prob, smooth_prob)
+    assert mask.sum() == 15 * 15 + 1 and mask[25, 25]
+    assert smooth_mask.sum() == 15 * 15 - 4 and not smooth_mask[25, 25]
+    assert not smooth_mask[5, 5] and smooth_mask[5, 6]
+    _, labels = predict_image(BrightNet(), image, instances="components", min_size=0, smooth=1.0)
+    assert np.array_equal(labels > 0, smooth_mask > 0)
+    with pytest.raises(ValueError, match="smooth must be"):
+        predict_image(BrightNet(), image, smooth=-1.0)
+
+
 def test_cpu_bf16_prediction_is_a_float32_probability_close_to_float32():
     """bfloat16 autocast on the CPU changes the network's arithmetic, not the result's
     type or range, and moves probabilities by little (8 bits of mantissa)."""

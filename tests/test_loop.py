@@ -109,13 +109,22 @@ def _three_squares() -> np.ndarray:
 
 
 @pytest.mark.parametrize(
-    ("min_peak", "min_size", "expected"),
-    [(None, 16, [225, 225]), (0.99, 16, [225]), (0.99, 4, [225, 9]), (None, 1, [225, 225, 9])],
+    ("min_peak", "min_size", "smooth", "expected"),
+    [
+        (None, 16, 0, [225, 225]),
+        (0.99, 16, 0, [225]),
+        (0.99, 4, 0, [225, 9]),
+        (None, 1, 0, [225, 225, 9]),
+        (0.99, 4, 1.0, [221, 5]),  # smoothed: the squares lose their corners
+    ],
 )
-def test_export_labels_applies_min_peak_and_min_size(tmp_path, min_peak, min_size, expected):
+def test_export_labels_applies_min_peak_min_size_and_smooth(
+    tmp_path, min_peak, min_size, smooth, expected
+):
     loop = AnnotationLoop(
-        {"a": np.zeros((40, 70), np.uint8)}, tmp_path, config=SMALL, min_peak=min_peak
-    )
+        {"a": np.zeros((40, 70), np.uint8)}, tmp_path, config=SMALL, min_peak=min_peak,
+        smooth=smooth,
+    )  # fmt: skip
     loop.rounds.append(Round(1, tmp_path, tmp_path / "model.pt", {"a": _three_squares()}))
     (path,) = loop.export_labels(tmp_path / "labels", method="components", min_size=min_size)
     labels = read_image(path)
@@ -128,6 +137,7 @@ def test_export_labels_applies_min_peak_and_min_size(tmp_path, min_peak, min_siz
         ({"scale": "big"}, "scale must be a positive number or 'auto', got 'big'"),
         ({"scale": 0}, "scale must be a positive number or 'auto', got 0"),
         ({"min_peak": 1.5}, r"min_peak must be a probability in \[0, 1\] or None, got 1.5"),
+        ({"smooth": -1.0}, "smooth must be a finite number of pixels >= 0, got -1.0"),
     ],
 )
 def test_loop_refuses_bad_prediction_options(tmp_path, kwargs, message):

@@ -7,11 +7,18 @@ import pandas as pd
 import pytest
 import tifffile
 import torch
+from scipy import ndimage as ndi
 
 from s2l_core.augment import AugmentConfig
 from s2l_core.baselines import RandomForestSegmenter
 from s2l_core.metrics import f1_at, foreground_iou
-from s2l_core.predict import check_threshold, foreground_to_instances, load_model, predict_folder
+from s2l_core.predict import (
+    check_smooth,
+    check_threshold,
+    foreground_to_instances,
+    load_model,
+    predict_folder,
+)
 from s2l_core.train import PROFILES, TrainConfig, Trainer, TrainSample, load_checkpoint
 
 TINY = dict(
@@ -356,6 +363,38 @@ def test_threshold_sets_the_foreground_and_is_checked():
     for bad in (0, 1, 1.5, -0.2, float("nan"), "0.5", True, None):
         with pytest.raises(ValueError, match="threshold must be a probability in"):
             foreground_to_instances(prob, threshold=bad)
+
+
+def test_smooth_rounds_corners_drops_specks_and_tests_min_peak_on_the_raw_probability():
+    """A 20x20 square of 1 and a one-pixel speck. Smoothed by a Gaussian of 1 pixel, the
+    speck peaks at 0.399^2 = 0.16 and goes; a corner pixel of the square gets
+    (0.399 + 0.601 / 2)^2 = 0.49 and goes; every other pixel of the square stays, and
+    nothing outside it is added: 396 pixels."""
+    prob = np.zeros((40, 40), np.float32)
+    prob[10:30, 10:30] = 1.0
+    prob[3, 3] = 1.0
+    plain = foreground_to_instances(prob, method="components", min_size=0)
+    assert plain.max() == 2 and (plain > 0).sum() == 401
+    same = foreground_to_instances(prob, method="components", min_size=0, smooth=0)
+    assert np.array_equal(same, plain)
+    smoothed = foreground_to_instances(prob, method="components", min_size=0, smooth=1.0)
+    square = np.zeros((40, 40), bool)
+    square[10:30, 10:30] = True
+    for y, x in ((10, 10), (10, 29), (29, 10), (29, 29)):
+        square[y, x] = False
+    assert np.array_equal(smoothed > 0, square)
+    # A block of 0.9 with one pixel of 1.0: smoothed, it never exceeds 0.99, but the
+    # hysteresis looks at the probability itself, so the block stays.
+    block = np.zeros((30, 30), np.float32)
+    block[8:22, 8:22] = 0.9
+    block[15, 15] = 1.0
+    assert ndi.gaussian_filter(block, 1.0).max() < 0.99
+    kept = foreground_to_instances(block, method="components", smooth=1.0, min_peak=0.99)
+    assert kept.max() == 1
+    assert check_smooth(np.float32(0.75)) == 0.75 and check_smooth(0) == 0.0
+    for bad in (-0.5, float("nan"), float("inf"), "1", True, None):
+        with pytest.raises(ValueError, match="smooth must be a finite number of pixels >= 0"):
+            foreground_to_instances(prob, smooth=bad)
 
 
 # ----------------------------------------------------------------------------- baselines
