@@ -156,6 +156,13 @@ def check_smooth(smooth: float) -> float:
     return float(smooth)
 
 
+def _above(prob: np.ndarray, threshold: float, smooth: float) -> np.ndarray:
+    """``(H, W)`` bool: where ``prob``, smoothed by a Gaussian of ``smooth`` pixels (none
+    at 0), exceeds ``threshold``; the one rule for both instances and semantic masks."""
+    level = ndi.gaussian_filter(prob.astype(np.float32), smooth) if smooth else prob
+    return level > threshold
+
+
 def _check_method(method: str) -> str:
     """Check an instance ``method`` option (:func:`foreground_to_instances`).
 
@@ -226,8 +233,7 @@ def foreground_to_instances(
         raise ValueError(
             f"split_depth must be a positive finite number of pixels, got {split_depth!r}"
         )
-    level = ndi.gaussian_filter(prob.astype(np.float32), smooth) if smooth else prob
-    fg = ndi.binary_fill_holes(level > threshold)
+    fg = ndi.binary_fill_holes(_above(prob, threshold, smooth))
     regions = None  # 8-connected components of fg, once computed
     if min_size > 1 or min_peak is not None:
         regions, n = ndi.label(fg, structure=np.ones((3, 3), bool))
@@ -517,8 +523,7 @@ def predict_image(
         tile=tile, tta=tta,
     )  # fmt: skip
     if instances is None:
-        level = ndi.gaussian_filter(prob, smooth) if smooth else prob
-        mask = level > threshold
+        mask = _above(prob, threshold, smooth)
         if min_peak is not None:  # the regions kept, holes left as they are
             kept = foreground_to_instances(
                 prob, threshold=threshold, method="components", min_size=1, min_peak=min_peak,
