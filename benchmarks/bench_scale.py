@@ -50,6 +50,8 @@ DEFAULT_MIRROR = HERE.parent.parent / "shared" / "data" / "bbbc038" / "stage1_tr
 SHOWN = ["iou", "ap", "f1", "aji"]
 #: The settings a row of the tables is scored under, besides the threshold.
 SETTINGS = ("method", "scale", "tta", "min_peak", "min_size", "smooth")
+#: The keys of a summary row: the split, the settings and the threshold.
+KEYS = ("split", *SETTINGS, "threshold")
 
 
 def parse_scale(text: str) -> float | str:
@@ -152,9 +154,8 @@ def to_markdown(per_image: pd.DataFrame, command: str, modality: str) -> str:
         "area.",
         "",
     ]
-    keys = ["split", *SETTINGS, "threshold"]
     for split, part in per_image.groupby("split", sort=False):
-        table = part.groupby(keys[1:], sort=False).agg(
+        table = part.groupby(list(KEYS[1:]), sort=False).agg(
             **{k: (k, "mean") for k in SHOWN},
             **{"s/img": ("predict_s", "median"), "mean scale": ("scale_used", "mean")},
             **{"area": ("area_ratio", "median")},
@@ -162,7 +163,7 @@ def to_markdown(per_image: pd.DataFrame, command: str, modality: str) -> str:
         title = f"## {split} ({part['image_id'].nunique()} images)"
         lines += [title, "", table.round(4).reset_index().to_markdown(index=False), ""]
         sizes = part.pivot_table(
-            index=keys[1:],
+            index=list(KEYS[1:]),
             columns="size",
             values="iou",
             aggfunc="mean",
@@ -266,8 +267,7 @@ def main(argv: list[str] | None = None) -> None:
     per_image = pd.concat(tables, ignore_index=True).drop(columns="instances")
     command = "python " + " ".join(shlex.quote(a) for a in sys.argv)
     output = args.output or HERE / "results" / f"scale_{args.modality}.json"
-    keys = ["split", *SETTINGS, "threshold"]
-    summary = per_image.groupby(keys, sort=False)[list(SCORES)].mean()
+    summary = per_image.groupby(list(KEYS), sort=False)[list(SCORES)].mean()
     bounds = []
     for split, part in per_image.groupby("split", sort=False):
         bound = threshold_bound(part)
@@ -284,7 +284,7 @@ def main(argv: list[str] | None = None) -> None:
             "modality": args.modality,
             "checkpoints": {name: str(path) for name, path in args.checkpoints},
             "overall": [
-                dict(zip(keys, index, strict=True)) | row.round(4).to_dict()
+                dict(zip(KEYS, index, strict=True)) | row.round(4).to_dict()
                 for index, row in summary.iterrows()
             ],
             "threshold_bound": bounds,
