@@ -199,6 +199,45 @@ def test_gamma_bends_intensities_between_the_crops_extremes_and_is_off_by_defaul
     assert AugmentConfig(gamma=[1, 2]).gamma == (1.0, 2.0)  # lists and ints are accepted
 
 
+def test_blur_and_noise_change_the_image_only_and_are_off_by_default():
+    """A bright 20x20 square: a blur of sigma 1.5 keeps its total brightness and softens
+    its edge; noise of sigma 0.1 adds a field of that spread, the same in the three
+    (grey) channels; neither moves the scribbles, and neither draws a number when off."""
+    image = np.zeros((3, 64, 64), np.float32)
+    image[:, 22:42, 22:42] = 1.0
+    scribble = np.full((64, 64), UNLABELLED, np.uint8)
+    scribble[30:34, 30:34] = 1
+    fixed = dict(crop_size=64, p_zoom=0, p_rotate=0, flips=False, p_intensity=0)
+    plain, blurred = AugmentConfig(**fixed), AugmentConfig(**fixed, blur=(1.5, 1.5), p_blur=1)
+    noisy = AugmentConfig(**fixed, noise=(0.1, 0.1), p_noise=1)
+
+    def crop(cfg, seed=3):
+        return random_crops([image], [scribble], [None], np.random.default_rng(seed), cfg)
+
+    a, b, c = crop(plain), crop(blurred), crop(noisy)
+    assert torch.equal(a["scribble"], b["scribble"]) and torch.equal(a["scribble"], c["scribble"])
+    # A plain crop of the whole image, turned by a multiple of 90 degrees: 400 bright pixels.
+    assert a["image"][0, 0].sum() == pytest.approx(400.0)
+    assert b["image"][0, 0].sum() == pytest.approx(400.0, rel=1e-4)  # edges replicate 0
+    edge = b["image"][0, 0][a["image"][0, 0] > 0].min()
+    assert 0.4 < edge < 0.8  # a corner pixel keeps a part of its light
+    added = c["image"][0] - a["image"][0]
+    assert torch.equal(added[0], added[1]) and torch.equal(added[0], added[2])
+    assert added[0].std().item() == pytest.approx(0.1, rel=0.1)
+    # Off (the defaults): the random stream is untouched, so the crops are the same.
+    rng = np.random.default_rng(3)
+    random_crops([image], [scribble], [None], rng, plain)
+    later = rng.random()
+    rng = np.random.default_rng(3)
+    random_crops([image], [scribble], [None], rng, AugmentConfig(**fixed, p_blur=1, p_noise=1))
+    assert rng.random() == later
+    assert AugmentConfig.from_dict(blurred.to_dict()) == blurred
+    older = plain.to_dict()
+    for key in ("blur", "p_blur", "noise", "p_noise"):
+        del older[key]
+    assert AugmentConfig.from_dict(older) == plain
+
+
 @pytest.mark.parametrize(
     ("bad", "message"),
     [
@@ -213,6 +252,9 @@ def test_gamma_bends_intensities_between_the_crops_extremes_and_is_off_by_defaul
         ({"brightness": -0.1}, "brightness must be a finite number >= 0"),
         ({"brightness": float("inf")}, "brightness must be a finite number >= 0"),
         ({"contrast": 1.0}, r"contrast must be a finite number in \[0, 1\)"),
+        ({"blur": (-1.0, 1.0)}, r"blur must be a finite range \(low, high\) with 0 <= low"),
+        ({"noise": (0.2, 0.1)}, "noise must be a finite range"),
+        ({"p_blur": 2.0}, "p_blur is a probability"),
     ],
 )
 def test_augment_config_refuses_bad_ranges(bad, message):
