@@ -95,7 +95,10 @@ def _train(args: argparse.Namespace) -> int:
     else:
         trainer = train.Trainer(samples, config, val=val, device=args.device)
     history = trainer.fit(args.epochs, checkpoint=state_path, progress=not args.quiet)
+    from s2l_core.predict import Preset
+
     extra = {"baseline": args.baseline, "profile": args.profile}
+    extra["preset"] = Preset.for_training(args.baseline).to_dict()
     if args.channel is not None:
         extra["channel"] = args.channel  # s2l predict takes the same channel by default
     trainer.export(out, extra=extra)
@@ -159,14 +162,14 @@ def _predict(args: argparse.Namespace) -> int:
         args.output_dir,
         mode=args.mode,
         device=args.device,
-        threshold=args.threshold,
-        method=args.method,
-        min_size=args.min_size,
         suffix=args.format,
         overwrite=args.overwrite,
         save_probability=args.probability,
         progress=not args.quiet,
         channel=args.channel,
+        threshold=args.threshold,
+        method=args.method,
+        min_size=args.min_size,
         scale=args.scale,
         min_peak=args.min_peak,
         tta=args.tta,
@@ -280,23 +283,27 @@ def build_parser() -> argparse.ArgumentParser:
             "Predict every image (PNG, TIFF, JPEG; grey, RGB, RGBA or one channel of a "
             "multi-channel image; 8/16-bit; any size) of "
             "INPUT_DIR into OUTPUT_DIR with the same file names: instance labels (uint16) "
-            "or a 0/1 mask. OUTPUT_DIR appears only when every image is done."
+            "or a 0/1 mask. OUTPUT_DIR appears only when every image is done. Settings "
+            "not given come from the checkpoint's preset (or the package's defaults), "
+            "which are the settings that score best on images of unseen acquisitions."
         ),
     )
     pr.add_argument("checkpoint")
     pr.add_argument("input_dir")
     pr.add_argument("output_dir")
     pr.add_argument("--mode", default="instance", choices=["instance", "semantic"])
-    pr.add_argument("--method", default="watershed", choices=["watershed", "components"])
     pr.add_argument(
-        "--threshold", type=threshold_argument, default=0.5,
-        help="foreground where the probability exceeds this (default 0.5)",
+        "--method", choices=["watershed", "components"],
+        help="how the foreground is split into nuclei (default: the checkpoint's preset, "
+        "else watershed)",
     )  # fmt: skip
     pr.add_argument(
-        "--min-size", type=int, default=16,
-        help="smallest object kept, in pixels (default 16; 24 scored best on BBBC038 "
-        "fluorescence nuclei)",
+        "--threshold", type=threshold_argument,
+        help="foreground where the probability exceeds this (default: the preset's, 0.5)",
     )  # fmt: skip
+    pr.add_argument(
+        "--min-size", type=int, help="smallest object kept, in pixels (default: the preset's)"
+    )
     pr.add_argument("--format", choices=[".tif", ".png"], help="output format")
     pr.add_argument("--probability", action="store_true", help="also write *_prob.tif")
     pr.add_argument(
@@ -304,27 +311,25 @@ def build_parser() -> argparse.ArgumentParser:
         help="the channel (from 0) of multi-channel images (default: the checkpoint's)",
     )  # fmt: skip
     pr.add_argument(
-        "--scale", type=scale_argument, default=1.0,
-        help="magnify images by this factor for the network, or 'auto': magnify small "
-        "nuclei towards 40 pixels across, at most 2x (default 1)",
+        "--scale", type=scale_argument,
+        help="magnify images by this factor for the network, or 'auto': measure the "
+        "nuclei and magnify small ones, shrink very large ones, towards the sizes the "
+        "network segments best (default: the preset's, auto)",
     )  # fmt: skip
     pr.add_argument(
-        "--min-peak", type=probability_argument, default=None,
-        help="drop regions whose foreground probability never exceeds this (hysteresis: "
-        "for networks trained on scribbles, 0.99 drops faint false detections and keeps "
-        "the borders of the rest; for one trained on full masks use 0.9 at most; "
-        "default: keep all)",
+        "--min-peak", type=probability_argument,
+        help="drop regions whose foreground probability never exceeds this (hysteresis; "
+        "0 keeps all; default: the preset's)",
     )  # fmt: skip
     pr.add_argument(
-        "--smooth", type=smooth_argument, default=0.0,
+        "--smooth", type=smooth_argument,
         help="smooth the foreground probability by a Gaussian of this many pixels before "
-        "thresholding (for networks trained on scribbles: 0.75 with --tta, up to 1.5 "
-        "without; default 0: off)",
+        "thresholding (0: off; default: the preset's)",
     )  # fmt: skip
     pr.add_argument(
-        "--tta", action="store_true",
+        "--tta", action=argparse.BooleanOptionalAction,
         help="test-time augmentation: average the prediction over the eight turns and "
-        "mirror images of each image (eight times slower)",
+        "mirror images of each image, eight times the work (default: the preset's, on)",
     )  # fmt: skip
     pr.add_argument("--device", default="auto")
     pr.add_argument("--overwrite", action="store_true")

@@ -10,10 +10,10 @@ model is wrong or unsure. Every round keeps its own scribbles and checkpoint::
     work_dir/round_01/state.pt                the full training state
     work_dir/round_01/history.csv             the round's training history
 
-The predictions take the same options as :func:`s2l_core.predict.predict_folder` and
-``s2l predict``: a magnification (``scale``, ``"auto"`` for small nuclei), test-time
-augmentation (``tta``), and the hysteresis level and smoothing of the exported labels
-(``min_peak``, ``smooth``).
+The predictions take the same settings as :func:`s2l_core.predict.predict_folder` and
+``s2l predict``: one :class:`s2l_core.predict.Preset` (magnification, test-time
+augmentation, threshold, hysteresis level, smoothing, smallest nucleus), the package's
+defaults unless told otherwise; every round's checkpoint stores it.
 """
 
 from __future__ import annotations
@@ -27,15 +27,7 @@ import numpy as np
 
 from s2l_core.augment import normalize_image, select_channel
 from s2l_core.files import IMAGE_SUFFIXES, read_image
-from s2l_core.predict import (
-    check_min_peak,
-    check_scale,
-    check_smooth,
-    foreground_to_instances,
-    predict_probability,
-    save_labels,
-    uncertainty,
-)
+from s2l_core.predict import Preset, labels_of, predict_probability, save_labels, uncertainty
 from s2l_core.scribbles import UNLABELLED, save_scribble, validate_scribble
 from s2l_core.train import TrainConfig, Trainer, TrainSample
 
@@ -92,26 +84,21 @@ class AnnotationLoop:
     channel : int, optional
         Work on this channel of multi-channel images
         (:func:`s2l_core.augment.select_channel`), e.g. the nuclear stain.
-    scale : float or "auto", optional
-        Magnification at which every round predicts (:func:`s2l_core.predict.predict_probability`);
-        ``"auto"`` magnifies images of small nuclei, which places their borders better.
+    preset : Preset, optional
+        How every round predicts (``scale``, ``tta``, ``diameter``) and how
+        :meth:`export_labels` turns probabilities into labels (``threshold``, ``method``,
+        ``min_size``, ``min_peak``, ``smooth``); default :class:`s2l_core.predict.Preset`.
         The probabilities always have the image's own size.
-    tta : bool, optional
-        Test-time augmentation of every round's predictions: eight times the work.
-    min_peak : float, optional
-        :meth:`export_labels` drops regions whose probability never exceeds it
-        (:func:`s2l_core.predict.foreground_to_instances`; e.g.
-        :data:`s2l_core.predict.MIN_PEAK`).
-    smooth : float, optional
-        :meth:`export_labels` smooths each probability by a Gaussian of this many pixels
-        before thresholding (:func:`s2l_core.predict.foreground_to_instances`; e.g.
-        :data:`s2l_core.predict.SMOOTH`).
+    scale, tta, min_peak, smooth : optional
+        Settings that replace the preset's (``None`` keeps it); ``min_peak=0`` keeps
+        every region.
 
     Raises
     ------
     ValueError
-        No image, a channel the images lack, a ``scale`` that is neither ``"auto"`` nor a
-        positive number, a ``min_peak`` outside [0, 1], or a negative ``smooth``.
+        No image, a channel the images lack, or a setting the preset refuses (a
+        ``scale`` that is neither ``"auto"`` nor a positive number, a ``min_peak``
+        outside [0, 1], a negative ``smooth``).
     """
 
     def __init__(
@@ -123,15 +110,15 @@ class AnnotationLoop:
         start_from: str | os.PathLike | None = None,
         device: str = "auto",
         channel: int | None = None,
-        scale: float | str = 1.0,
-        tta: bool = False,
+        preset: Preset | None = None,
+        scale: float | str | None = None,
+        tta: bool | None = None,
         min_peak: float | None = None,
-        smooth: float = 0.0,
+        smooth: float | None = None,
     ) -> None:
-        self.scale = check_scale(scale)
-        self.min_peak = check_min_peak(min_peak)
-        self.smooth = check_smooth(smooth)
-        self.tta = bool(tta)
+        self.preset = (preset or Preset()).but(
+            scale=scale, tta=tta, min_peak=min_peak, smooth=smooth
+        )
         if isinstance(images, Mapping):
             images = {str(k): np.asarray(v) for k, v in images.items()}
         else:
@@ -211,12 +198,16 @@ class AnnotationLoop:
         for name, scribble in checked.items():
             save_scribble(folder / "scribbles" / f"{name}.png", scribble)
         history.to_csv(folder / "history.csv", index=False)
-        checkpoint = trainer.export(folder / "model.pt", extra={"round": number})
+        checkpoint = trainer.export(
+            folder / "model.pt", extra={"round": number, "preset": self.preset.to_dict()}
+        )
         probabilities, scales = {}, {}
+        p = self.preset
         for k, v in self.normalized.items():
             probabilities[k], scales[k] = predict_probability(
-                trainer.model, v, scale=self.scale, device=trainer.device, tta=self.tta
-            )
+                trainer.model, v, scale=p.scale, device=trainer.device, tta=p.tta,
+                threshold=p.threshold, diameter=p.diameter,
+            )  # fmt: skip
         result = Round(number, folder, checkpoint, probabilities, scales)
         self.rounds.append(result)
         return result
@@ -225,26 +216,25 @@ class AnnotationLoop:
         self,
         out_dir: str | os.PathLike,
         *,
-        method: str = "watershed",
+        method: str | None = None,
         suffix: str = ".tif",
-        min_size: int = 16,
+        min_size: int | None = None,
     ) -> list[Path]:
         """Write instance label images of the last round (napari / Fiji open them).
 
         The foreground of each probability is split into nuclei
-        (:func:`s2l_core.predict.foreground_to_instances`, with the loop's ``min_peak``
-        and ``smooth``).
+        (:func:`s2l_core.predict.labels_of`, with the loop's preset).
 
         Parameters
         ----------
         out_dir : str or os.PathLike
             Folder for the label images.
         method : {"watershed", "components"}, optional
-            How to split the foreground into nuclei.
+            How to split the foreground into nuclei (default: the preset's).
         suffix : str, optional
             File type: ``".tif"`` or ``".png"``.
         min_size : int, optional
-            Smallest nucleus kept (pixels).
+            Smallest nucleus kept, in pixels (default: the preset's).
 
         Returns
         -------
@@ -253,13 +243,12 @@ class AnnotationLoop:
         """
         if not self.rounds:
             raise RuntimeError("run a round before exporting labels")
+        preset = self.preset.but(method=method, min_size=min_size)
         out_dir = Path(out_dir)
         written = []
         for name, prob in self.rounds[-1].probabilities.items():
             path = out_dir / f"{name}{suffix}"
-            labels = foreground_to_instances(
-                prob, method=method, min_size=min_size, min_peak=self.min_peak, smooth=self.smooth
-            )
+            labels = labels_of(prob, preset)
             save_labels(path, labels)
             written.append(path)
         return written

@@ -4,7 +4,10 @@
 - :func:`foreground_to_instances` turns a foreground probability into instance labels:
   connected components, or a distance-transform watershed that splits touching nuclei;
 - :func:`predict_probability` predicts at a fixed scale or at the scale that
-  :func:`auto_scale` picks from the nuclei's size (small nuclei are magnified);
+  :func:`auto_scale` picks from the nuclei's size (small nuclei are magnified, large
+  ones shrunk);
+- :class:`Preset` holds every setting of prediction; checkpoints store one, and
+  :func:`predict_image`, :func:`predict_folder` and ``s2l predict`` use it;
 - :func:`predict_folder` predicts every image of a folder (grey, RGB, RGBA, 8- or 16-bit,
   any size) into label images with the same file names, which napari and Fiji open as
   labels. The output folder appears only once every image is written, so a partial
@@ -14,7 +17,9 @@
 from __future__ import annotations
 
 import os
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -33,15 +38,19 @@ from s2l_core.train import load_checkpoint
 
 __all__ = [
     "AUTO_DIAMETER",
+    "MAGNIFY_BELOW",
     "MAX_AUTO_SCALE",
+    "MIN_AUTO_SCALE",
     "MIN_PEAK",
     "SMOOTH",
+    "Preset",
     "auto_scale",
     "check_min_peak",
     "check_scale",
     "check_smooth",
     "check_threshold",
     "foreground_to_instances",
+    "labels_of",
     "list_images",
     "load_model",
     "object_diameter",
@@ -284,16 +293,27 @@ MIN_PEAK: float = 0.99
 #: on full masks hardly changes (``scale_fluorescence_smooth_full.md``).
 SMOOTH: float = 0.75
 
-#: Nucleus diameter (pixels) that ``scale="auto"`` magnifies nuclei towards. Networks
-#: trained on scribbles place the borders of small nuclei better on a magnified image
-#: (BBBC038 fluorescence, reference checkpoint: test IoU 0.852 -> 0.863, AP 0.556 ->
-#: 0.577); a network trained on full masks does not gain. Chosen on the fluorescence
-#: validation split, where 40 to 60 pixels score alike and 20 or 30 lower
-#: (``benchmarks/results/scale_fluorescence_diameters.md``).
-AUTO_DIAMETER: float = 40.0
+#: Nucleus diameter (pixels) that ``scale="auto"`` brings nuclei to, magnifying small
+#: ones and shrinking large ones; chosen on held-out acquisition groups and magnified
+#: test images (``benchmarks/results/generalization/autoscale_s2l_s0.md``).
+AUTO_DIAMETER: float = 30.0
+
+#: ``scale="auto"`` magnifies only nuclei smaller than this (pixels across): nuclei
+#: between it and :data:`AUTO_DIAMETER` are left as they are, since a network trained
+#: without their acquisition can lose much of them when they are magnified a little
+#: (``benchmarks/results/generalization/generalization.md``, group 520x696).
+MAGNIFY_BELOW: float = 20.0
 
 #: Largest magnification that ``scale="auto"`` uses (the cost grows with its square).
 MAX_AUTO_SCALE: float = 2.0
+
+#: Smallest scale that ``scale="auto"`` uses: nuclei up to four times ``diameter``
+#: across are brought to ``diameter``.
+MIN_AUTO_SCALE: float = 0.25
+
+#: ``scale="auto"`` leaves an image as it is when it would resample it by less than this
+#: fraction.
+_NEAR_ONE = 0.1
 
 
 def object_diameter(labels: np.ndarray) -> float:
@@ -328,38 +348,60 @@ def auto_scale(
     threshold: float = 0.5,
     diameter: float = AUTO_DIAMETER,
     max_scale: float = MAX_AUTO_SCALE,
+    min_scale: float = MIN_AUTO_SCALE,
+    second: np.ndarray | None = None,
+    magnify_below: float = MAGNIFY_BELOW,
 ) -> float:
-    """The magnification that brings the nuclei of a prediction to ``diameter`` pixels.
+    """The scale that brings the nuclei of a prediction to ``diameter`` pixels.
 
-    The nuclei of ``prob`` (a prediction at scale 1) are split by a distance watershed
-    and measured (:func:`object_diameter`); the scale is ``diameter / measured``, held
-    between 1 and ``max_scale``. Large nuclei are never shrunk, and an image without a
-    nucleus keeps scale 1.
+    The nuclei of ``prob`` are split by a distance watershed and measured
+    (:func:`object_diameter`). Nuclei under ``magnify_below`` pixels across are
+    magnified and nuclei over ``diameter`` shrunk, to ``diameter`` (held between
+    ``min_scale`` and ``max_scale``); nuclei between the two are left as they are, and so
+    is a scale within a tenth of 1 (resampling would only blur) and an image without a
+    nucleus.
 
     Parameters
     ----------
     prob : numpy.ndarray
-        ``(H, W)`` foreground probability at scale 1.
+        ``(H, W)`` foreground probability of the image (at scale 1).
     threshold : float, optional
         Foreground threshold.
     diameter : float, optional
-        Nucleus diameter, in pixels, to magnify towards.
-    max_scale : float, optional
-        Largest scale returned (at least 1).
+        Nucleus diameter, in pixels, to bring the nuclei to.
+    max_scale, min_scale : float, optional
+        Bounds of the scale returned (``min_scale <= 1 <= max_scale``).
+    magnify_below : float, optional
+        Nuclei measured smaller than this are magnified (at most to ``diameter``).
+    second : numpy.ndarray, optional
+        Another prediction of the same image (made at another scale, resampled back to
+        ``(H, W)``); its nuclei are measured too and the larger diameter counts. A network
+        sees only parts of nuclei far larger than those it was trained on, which look
+        like small nuclei; on the image shrunk it finds them whole.
 
     Returns
     -------
     float
-        A scale in ``[1, max_scale]``.
+        A scale in ``[min_scale, max_scale]``.
     """
     if not (np.isfinite(diameter) and diameter > 0):
         raise ValueError(f"diameter must be a positive number of pixels, got {diameter}")
     if not (np.isfinite(max_scale) and max_scale >= 1):
         raise ValueError(f"max_scale must be at least 1, got {max_scale}")
-    measured = object_diameter(foreground_to_instances(prob, threshold=threshold))
-    if not np.isfinite(measured):
+    if not (np.isfinite(min_scale) and 0 < min_scale <= 1):
+        raise ValueError(f"min_scale must be in (0, 1], got {min_scale}")
+    views = [prob] if second is None else [prob, second]
+    if second is not None and second.shape != prob.shape:
+        raise ValueError(f"second has shape {second.shape}, prob {prob.shape}")
+    sizes = [object_diameter(foreground_to_instances(p, threshold=threshold)) for p in views]
+    sizes = [d for d in sizes if np.isfinite(d)]
+    if not sizes:
         return 1.0
-    return float(np.clip(diameter / measured, 1.0, max_scale))
+    measured = max(sizes)
+    if min(magnify_below, diameter) <= measured <= diameter:
+        return 1.0
+    scale = float(np.clip(diameter / measured, min_scale, max_scale))
+    return 1.0 if abs(np.log(scale)) < np.log(1 + _NEAR_ONE) else scale
 
 
 def check_scale(scale: float | str) -> float | str:
@@ -391,6 +433,111 @@ def check_scale(scale: float | str) -> float | str:
     return float(scale)
 
 
+@dataclass(frozen=True)
+class Preset:
+    """How a network's prediction becomes labels: every setting of prediction but the
+    network itself.
+
+    A checkpoint may store one (``extra["preset"]``, written by ``s2l train`` and
+    ``tools/make_reference.py``); :func:`predict_image`, :func:`predict_folder`,
+    ``s2l predict`` and :class:`s2l_core.loop.AnnotationLoop` use the checkpoint's
+    preset, or these defaults, for every setting they are not given. The defaults are
+    the settings that score best on images of acquisitions the network never saw
+    (``benchmarks/results/generalization/``).
+
+    Attributes
+    ----------
+    threshold : float
+        Foreground threshold, in (0, 1).
+    method : {"watershed", "components"}
+        How the foreground is split into nuclei (:func:`foreground_to_instances`).
+    min_size : int
+        Smallest object kept, in pixels.
+    min_peak : float
+        Hysteresis level (:func:`foreground_to_instances`); 0 keeps every region.
+    smooth : float
+        Gaussian smoothing (pixels) of the probability before thresholding.
+    scale : float or "auto"
+        Magnification for the network; ``"auto"`` brings the nuclei to ``diameter``.
+    diameter : float
+        Nucleus diameter (pixels) that ``scale="auto"`` brings nuclei to.
+    tta : bool
+        Test-time augmentation (eight turns and mirror images): eight times the work.
+    """
+
+    threshold: float = 0.5
+    method: str = "watershed"
+    min_size: int = 24
+    min_peak: float = MIN_PEAK
+    smooth: float = SMOOTH
+    scale: float | str = "auto"
+    diameter: float = AUTO_DIAMETER
+    tta: bool = True
+
+    def __post_init__(self) -> None:
+        set_ = object.__setattr__
+        set_(self, "threshold", check_threshold(self.threshold))
+        _check_method(self.method)
+        set_(self, "min_size", whole_number("min_size", self.min_size, 0, unit="pixels"))
+        if self.min_peak is None:  # None and 0 both keep every region
+            set_(self, "min_peak", 0.0)
+        set_(self, "min_peak", float(check_min_peak(self.min_peak)))
+        set_(self, "smooth", check_smooth(self.smooth))
+        set_(self, "scale", check_scale(self.scale))
+        d = self.diameter
+        number = isinstance(d, (int, float, np.number)) and not isinstance(d, bool)
+        if not (number and 0 < d < np.inf):
+            raise ValueError(f"diameter must be a positive finite number of pixels, got {d!r}")
+        set_(self, "diameter", float(d))
+        if not isinstance(self.tta, (bool, np.bool_)):
+            raise ValueError(f"tta must be True or False, got {self.tta!r}")
+        set_(self, "tta", bool(self.tta))
+
+    def to_dict(self) -> dict:
+        """Plain-type dict (for checkpoints and JSON)."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Preset:
+        """Inverse of :meth:`to_dict`; missing keys take the defaults, unknown keys are an
+        error."""
+        unknown = set(d) - {f.name for f in fields(cls)}
+        if unknown:
+            raise ValueError(f"unknown preset settings {sorted(unknown)}")
+        return cls(**d)
+
+    @classmethod
+    def of_checkpoint(cls, state: dict) -> Preset:
+        """The preset a checkpoint stores (``state["extra"]["preset"]``), else the
+        defaults."""
+        stored = (state.get("extra") or {}).get("preset")
+        if stored is None:
+            return cls()
+        if not isinstance(stored, dict):
+            raise ValueError(f"the checkpoint's preset is not a dict of settings: {stored!r}")
+        return cls.from_dict(stored)
+
+    @classmethod
+    def for_training(cls, baseline: str = "s2l") -> Preset:
+        """The preset stored with a network trained as ``baseline`` (``"s2l"``,
+        ``"pce"`` or ``"full"``): the defaults, except that a network trained on full
+        masks is less confident and keeps regions that peak above 0.9 (``min_peak``)."""
+        if baseline not in ("s2l", "pce", "full"):
+            raise ValueError(f"baseline must be 's2l', 'pce' or 'full', got {baseline!r}")
+        return cls(min_peak=0.9) if baseline == "full" else cls()
+
+    def but(self, **settings: Any) -> Preset:
+        """A copy with the settings that are not ``None`` replaced."""
+        return replace(self, **{k: v for k, v in settings.items() if v is not None})
+
+
+#: ``scale="auto"`` looks at an image a second time at half its size when its nuclei
+#: measure larger than the target diameter: a network sees only parts of nuclei far
+#: larger than those it was trained on, so the measurement at scale 1 falls short of
+#: them, while at half the size it finds them whole.
+_SECOND_LOOK = 0.5
+
+
 def predict_probability(
     model: torch.nn.Module,
     image: np.ndarray,
@@ -412,9 +559,15 @@ def predict_probability(
         ``(3, H, W)`` ``float32`` from :func:`s2l_core.augment.normalize_image`.
     scale : float or "auto", optional
         Magnification at which the network sees the image
-        (:func:`s2l_core.infer.predict_foreground`). ``"auto"`` predicts at scale 1,
-        measures the nuclei and predicts again at :func:`auto_scale`'s scale when that
-        is not 1 (up to 1 + 4 times the work of scale 1).
+        (:func:`s2l_core.infer.predict_foreground`). ``"auto"`` predicts at scale 1 and
+        measures the nuclei (:func:`auto_scale`); where they measure larger than
+        ``diameter`` it measures them again on a prediction at half the size and keeps
+        the larger diameter (parts of very large nuclei look like small nuclei at
+        scale 1). Images of nuclei under :data:`MAGNIFY_BELOW` or over ``diameter``
+        pixels are then predicted at ``diameter`` over the diameter measured, between
+        :data:`MIN_AUTO_SCALE` (or 16 pixels a side) and :data:`MAX_AUTO_SCALE`: small
+        nuclei are magnified, large ones shrunk, and the network sees whole nuclei in
+        every tile.
     device : torch.device or str, optional
         The model's device.
     threshold : float, optional
@@ -423,12 +576,12 @@ def predict_probability(
         Tile side for large images, over 128 pixels (twice the tiles' overlap; see
         :func:`s2l_core.infer.predict_foreground`).
     diameter : float, optional
-        Nucleus diameter (pixels) that ``"auto"`` magnifies towards.
+        Nucleus diameter (pixels) that ``"auto"`` brings nuclei to.
     tta : bool, optional
         Test-time augmentation: the mean over the eight turns and mirror images
         (:func:`s2l_core.infer.predict_foreground`), eight times the work. With
-        ``"auto"`` the nuclei are measured on a plain prediction, which is reused as the
-        first of the eight views when the scale stays 1.
+        ``"auto"`` the nuclei are measured on plain predictions; where the scale stays 1
+        that prediction serves as the first of the eight views.
 
     Returns
     -------
@@ -445,18 +598,23 @@ def predict_probability(
         is not in (0, 1) (:func:`check_threshold`).
     """
     check_threshold(threshold)
-    if check_scale(scale) == "auto":
-        prob = predict_foreground(model, image, device=device, tile=tile)
-        chosen = auto_scale(prob, threshold=threshold, diameter=diameter)
-        if chosen == 1.0:  # with tta, the plain pass is its first view
-            if tta:
-                prob = predict_foreground(
-                    model, image, device=device, tile=tile, tta=True, identity=prob
-                )
-            return prob, chosen
-        scale = chosen
-    prob = predict_foreground(model, image, device=device, tile=tile, scale=scale, tta=tta)
-    return prob, float(scale)
+    options = dict(device=device, tile=tile)
+    if check_scale(scale) != "auto":
+        prob = predict_foreground(model, image, scale=scale, tta=tta, **options)
+        return prob, float(scale)
+    plain = predict_foreground(model, image, **options)
+    # Never shrink an image below 16 pixels a side.
+    low = min(1.0, max(MIN_AUTO_SCALE, 16 / max(1, min(image.shape[-2:]))))
+    measure = dict(threshold=threshold, diameter=diameter, min_scale=low)
+    chosen = auto_scale(plain, **measure)
+    if chosen < 1.0 and min(image.shape[-2:]) * _SECOND_LOOK >= 16:
+        half = predict_foreground(model, image, scale=_SECOND_LOOK, **options)
+        chosen = auto_scale(plain, second=half, **measure)
+    if chosen != 1.0:
+        return predict_foreground(model, image, scale=chosen, tta=tta, **options), chosen
+    if tta:  # the plain pass is the first of the eight views
+        return predict_foreground(model, image, tta=True, identity=plain, **options), chosen
+    return plain, chosen
 
 
 def predict_image(
@@ -464,15 +622,11 @@ def predict_image(
     image: np.ndarray,
     *,
     device: torch.device | str = "cpu",
-    threshold: float = 0.5,
-    instances: str | None = "watershed",
-    min_size: int = 16,
+    preset: Preset | None = None,
+    instances: str | None = "preset",
     tile: int = 1024,
     channel: int | None = None,
-    scale: float | str = 1.0,
-    min_peak: float | None = None,
-    tta: bool = False,
-    smooth: float = 0.0,
+    **settings: Any,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Predict one raw image: foreground probability and labels.
 
@@ -484,30 +638,22 @@ def predict_image(
         ``(H, W)``, ``(H, W, 1|3|4)``; 8-bit, 16-bit or float.
     device : torch.device or str, optional
         The model's device.
-    threshold : float, optional
-        Foreground threshold.
-    instances : {"watershed", "components", None}, optional
-        How to split the foreground into nuclei; ``None`` returns the semantic mask
-        (0/1).
-    min_size : int, optional
-        Smallest object kept (pixels).
+    preset : Preset, optional
+        Threshold, instance method, ``min_size``, ``min_peak``, smoothing, scale and TTA
+        (default: :class:`Preset`'s defaults; pass ``Preset.of_checkpoint(state)`` for a
+        checkpoint's own).
+    instances : {"preset", "watershed", "components", None}, optional
+        How to split the foreground into nuclei: the preset's ``method``, another, or
+        ``None`` for the semantic mask (0/1).
     tile : int, optional
         Tile side for large images, over 128 pixels (twice the tiles' overlap; see
         :func:`s2l_core.infer.predict_foreground`).
     channel : int, optional
         Take this channel of a multi-channel image (:func:`s2l_core.augment.select_channel`).
-    scale : float or "auto", optional
-        Magnification for the network (:func:`predict_probability`); the labels always
-        have the image's own size.
-    min_peak : float, optional
-        Drop regions whose probability never exceeds it (:func:`foreground_to_instances`;
-        e.g. :data:`MIN_PEAK`); also applies to the semantic mask.
-    tta : bool, optional
-        Test-time augmentation (:func:`predict_probability`): eight times the work.
-    smooth : float, optional
-        Smooth the probability by a Gaussian of this many pixels before thresholding
-        (:func:`foreground_to_instances`; e.g. :data:`SMOOTH`); also applies to the
-        semantic mask. The returned ``prob`` is not smoothed.
+    **settings
+        Settings of :class:`Preset` that replace the preset's (``None`` keeps it), e.g.
+        ``scale=1.0, tta=False``. ``min_peak`` and ``smooth`` apply to the semantic mask
+        too; the returned ``prob`` is never smoothed.
 
     Returns
     -------
@@ -516,26 +662,50 @@ def predict_image(
     labels : numpy.ndarray
         ``(H, W)`` ``uint16`` instance labels, or ``uint8`` 0/1 when ``instances=None``.
     """
-    smooth = check_smooth(smooth)
+    preset = (preset or Preset()).but(**settings)
+    if instances == "preset":
+        instances = preset.method
     image = select_channel(image, channel)
     prob, _ = predict_probability(
-        model, normalize_image(image), scale=scale, device=device, threshold=threshold,
-        tile=tile, tta=tta,
+        model, normalize_image(image), scale=preset.scale, device=device,
+        threshold=preset.threshold, tile=tile, tta=preset.tta, diameter=preset.diameter,
     )  # fmt: skip
+    return prob, labels_of(prob, preset, instances)
+
+
+def labels_of(prob: np.ndarray, preset: Preset, instances: str | None = "preset") -> np.ndarray:
+    """Labels of a foreground probability under a preset.
+
+    Parameters
+    ----------
+    prob : numpy.ndarray
+        ``(H, W)`` foreground probability.
+    preset : Preset
+        Threshold, method, ``min_size``, ``min_peak`` and smoothing.
+    instances : {"preset", "watershed", "components", None}, optional
+        The preset's method, another, or ``None`` for the semantic mask (0/1, ``uint8``).
+
+    Returns
+    -------
+    numpy.ndarray
+        ``(H, W)`` instance labels (:func:`foreground_to_instances`) or the mask.
+    """
+    if instances == "preset":
+        instances = preset.method
+    min_peak = preset.min_peak or None
     if instances is None:
-        mask = _above(prob, threshold, smooth)
+        mask = _above(prob, preset.threshold, preset.smooth)
         if min_peak is not None:  # the regions kept, holes left as they are
             kept = foreground_to_instances(
-                prob, threshold=threshold, method="components", min_size=1, min_peak=min_peak,
-                smooth=smooth,
+                prob, threshold=preset.threshold, method="components", min_size=1,
+                min_peak=min_peak, smooth=preset.smooth,
             )  # fmt: skip
             mask &= kept > 0
-        return prob, mask.astype(np.uint8)
-    labels = foreground_to_instances(
-        prob, threshold=threshold, method=instances, min_size=min_size, min_peak=min_peak,
-        smooth=smooth,
+        return mask.astype(np.uint8)
+    return foreground_to_instances(
+        prob, threshold=preset.threshold, method=instances, min_size=preset.min_size,
+        min_peak=min_peak, smooth=preset.smooth,
     )  # fmt: skip
-    return prob, labels
 
 
 def uncertainty(prob: np.ndarray) -> np.ndarray:
@@ -601,18 +771,12 @@ def predict_folder(
     *,
     mode: str = "instance",
     device: str | torch.device = "auto",
-    threshold: float = 0.5,
-    method: str = "watershed",
-    min_size: int = 16,
     suffix: str | None = None,
     overwrite: bool = False,
     save_probability: bool = False,
     progress: bool = True,
     channel: int | None = None,
-    scale: float | str = 1.0,
-    min_peak: float | None = None,
-    tta: bool = False,
-    smooth: float = 0.0,
+    **settings: Any,
 ) -> list[Path]:
     """Predict every image of a folder into label images with the same names.
 
@@ -626,8 +790,6 @@ def predict_folder(
         Instance labels (``uint16``) or a 0/1 foreground mask.
     device : str or torch.device, optional
         ``"auto"``, ``"cpu"`` or ``"cuda"``.
-    threshold, method, min_size : optional
-        See :func:`foreground_to_instances`.
     suffix : str, optional
         Output format, ``".tif"`` or ``".png"``; default: the input file's own suffix
         for PNG and TIFF inputs, ``".tif"`` otherwise.
@@ -640,15 +802,10 @@ def predict_folder(
     channel : int, optional
         Take this channel of multi-channel images; default: the channel the checkpoint
         was trained on (``s2l train --channel``), if any.
-    scale : float or "auto", optional
-        Magnification for the network (:func:`predict_probability`).
-    min_peak : float, optional
-        Drop regions whose probability never exceeds it (:func:`foreground_to_instances`).
-    tta : bool, optional
-        Test-time augmentation (:func:`predict_probability`): eight times the work.
-    smooth : float, optional
-        Gaussian smoothing (pixels) of the probability before thresholding
-        (:func:`foreground_to_instances`).
+    **settings
+        Settings of :class:`Preset` (``threshold``, ``method``, ``min_size``,
+        ``min_peak``, ``smooth``, ``scale``, ``diameter``, ``tta``) that replace the
+        checkpoint's preset (:meth:`Preset.of_checkpoint`); ``None`` keeps it.
 
     Returns
     -------
@@ -665,13 +822,7 @@ def predict_folder(
     if mode not in ("instance", "semantic"):
         raise ValueError(f"mode must be 'instance' or 'semantic', got {mode!r}")
     # Checked before any image is read, so that no image is blamed for a bad option.
-    scale = check_scale(scale)
-    check_min_peak(min_peak)
-    check_threshold(threshold)
-    smooth = check_smooth(smooth)
-    whole_number("min_size", min_size, 0, unit="pixels")
-    if mode == "instance":
-        _check_method(method)
+    Preset().but(**settings)
     if suffix is not None and suffix.lower() not in (".tif", ".tiff", ".png"):
         raise ValueError(f"suffix must be '.tif' or '.png' (or None: as the input), got {suffix!r}")
     files = list_images(input_dir)
@@ -679,6 +830,7 @@ def predict_folder(
     if output_dir.exists() and any(output_dir.iterdir()) and not overwrite:
         raise ValueError(f"output folder {output_dir} is not empty (pass overwrite=True)")
     model, state = load_model(checkpoint, device)
+    preset = Preset.of_checkpoint(state).but(**settings)
     device = next(model.parameters()).device
     if channel is None:
         channel = (state.get("extra") or {}).get("channel")
@@ -688,18 +840,9 @@ def predict_folder(
             image = read_image(path)
             try:
                 prob, labels = predict_image(
-                    model,
-                    image,
-                    device=device,
-                    threshold=threshold,
-                    instances=method if mode == "instance" else None,
-                    min_size=min_size,
-                    channel=channel,
-                    scale=scale,
-                    min_peak=min_peak,
-                    tta=tta,
-                    smooth=smooth,
-                )
+                    model, image, device=device, preset=preset, channel=channel,
+                    instances="preset" if mode == "instance" else None,
+                )  # fmt: skip
             except ValueError as err:  # an image of an unsupported kind: say which
                 raise ValueError(f"{path}: {err}") from err
             out_suffix = suffix or (
@@ -715,14 +858,8 @@ def predict_folder(
             {
                 "checkpoint": str(checkpoint),
                 "mode": mode,
-                "method": method if mode == "instance" else None,
-                "threshold": threshold,
-                "min_size": min_size,
                 "channel": channel,
-                "scale": scale,
-                "min_peak": min_peak,
-                "tta": tta,
-                "smooth": smooth,
+                "preset": preset.to_dict(),
                 "images": [p.name for p in files],
                 "outputs": [p.name for p in written],
             },

@@ -13,7 +13,7 @@ from s2l_core.augment import normalize_image
 from s2l_core.cli import main
 from s2l_core.files import read_image, read_json, write_image
 from s2l_core.infer import predict_foreground
-from s2l_core.predict import load_model
+from s2l_core.predict import Preset, load_model
 from s2l_core.scribbles import synthesize_scribbles, to_napari
 
 
@@ -83,11 +83,19 @@ def test_cli_train_and_predict_own_images(tmp_path, capsys):
     scaled = tmp_path / "scaled"
     assert main(["predict", str(out), str(images), str(scaled), "--quiet", "--scale", "1.5"]) == 0
     assert read_image(scaled / "cells_2.tif").shape == (80, 100)
-    assert json.loads((scaled / "s2l_predict.json").read_text())["scale"] == 1.5
+    assert json.loads((scaled / "s2l_predict.json").read_text())["preset"]["scale"] == 1.5
+    # The trained checkpoint carries the prediction preset, and flags replace its settings.
+    assert load_model(out)[1]["extra"]["preset"] == Preset().to_dict()
+    assert json.loads((labels_dir / "s2l_predict.json").read_text())["preset"] == (
+        Preset().to_dict()
+    )
     augmented = tmp_path / "augmented"
     args = ["predict", str(out), str(images), str(augmented), "--quiet", "--probability"]
-    assert main([*args, "--tta", "--device", "cpu"]) == 0
-    assert json.loads((augmented / "s2l_predict.json").read_text())["tta"] is True
+    assert main([*args, "--scale", "1", "--device", "cpu"]) == 0  # TTA: the preset's
+    assert json.loads((augmented / "s2l_predict.json").read_text())["preset"]["tta"] is True
+    plain = tmp_path / "plain"
+    assert main([*args[:3], str(plain), "--quiet", "--no-tta", "--scale", "1"]) == 0
+    assert json.loads((plain / "s2l_predict.json").read_text())["preset"]["tta"] is False
     model = load_model(out, "cpu")[0]
     image = normalize_image(read_image(images / "cells_2.tif"))
     expected = predict_foreground(model, image, tta=True)
@@ -100,7 +108,7 @@ def test_cli_train_and_predict_own_images(tmp_path, capsys):
     peaked = tmp_path / "peaked"
     args = ["predict", str(out), str(images), str(peaked), "--quiet", "--mode", "semantic"]
     assert main([*args, "--min-peak", "1"]) == 0  # no probability exceeds 1: all dropped
-    assert json.loads((peaked / "s2l_predict.json").read_text())["min_peak"] == 1.0
+    assert json.loads((peaked / "s2l_predict.json").read_text())["preset"]["min_peak"] == 1.0
     assert read_image(peaked / "cells_2.tif").max() == 0
     for bad in ("1.5", "-0.1", "high"):
         with pytest.raises(SystemExit):
@@ -116,8 +124,8 @@ def test_cli_train_and_predict_own_images(tmp_path, capsys):
     assert "--smooth" in capsys.readouterr().err
     assert not (tmp_path / "y").exists()
     smoothed = tmp_path / "smoothed"
-    assert main([*args[:3], str(smoothed), "--quiet", "--smooth", "0.75"]) == 0
-    assert json.loads((smoothed / "s2l_predict.json").read_text())["smooth"] == 0.75
+    assert main([*args[:3], str(smoothed), "--quiet", "--smooth", "1.5"]) == 0
+    assert json.loads((smoothed / "s2l_predict.json").read_text())["preset"]["smooth"] == 1.5
 
 
 def test_cli_trains_and_predicts_one_channel_of_two(tmp_path, capsys):

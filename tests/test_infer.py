@@ -11,12 +11,16 @@ from torch import nn
 from s2l_core.infer import DIHEDRAL, autocast_context, dihedral, predict_foreground, undo_dihedral
 from s2l_core.model import UNet
 from s2l_core.predict import (
+    Preset,
     auto_scale,
     check_scale,
     object_diameter,
     predict_image,
     predict_probability,
 )
+
+#: Prediction with no magnification, TTA, hysteresis or smoothing: the network as it is.
+PLAIN = Preset(scale=1.0, tta=False, min_peak=0.0, smooth=0.0, min_size=16)
 
 
 def _block(h: int = 32, w: int = 32) -> np.ndarray:
@@ -98,35 +102,59 @@ def test_object_diameter_by_hand():
 
 @pytest.mark.parametrize(
     ("radius", "expected"),
-    [(5.0, 2.0), (12.5, 40 / 25), (30.0, 1.0), (0.0, 1.0)],  # small, middle, large, none
+    # small (held at 2x), small (to 30), middle (left as it is: 20 to 30 pixels), large
+    # (shrunk), very large (held at 1/4), none
+    [(5.0, 2.0), (8.0, 30 / 16), (12.5, 1.0), (30.0, 30 / 60), (70.0, 0.25), (0.0, 1.0)],
 )
-def test_auto_scale_magnifies_small_nuclei_only(radius, expected):
-    prob = _disc(radius)
+def test_auto_scale_brings_nuclei_to_the_diameter_both_ways(radius, expected):
+    prob = _disc(radius, (160, 160))
     # the measured diameter of a digital disc is within a pixel of 2 r
     assert auto_scale(prob) == pytest.approx(expected, rel=0.05)
 
 
 def test_auto_scale_settings_and_errors():
     prob = _disc(5.0)  # about 10 pixels across
-    assert auto_scale(prob, max_scale=3.0) == 3.0  # 40 / 10 = 4, held at 3
+    assert auto_scale(prob, max_scale=2.5) == 2.5  # 30 / 10 = 3, held at 2.5
     assert auto_scale(prob, diameter=20.0) == pytest.approx(2.0, rel=0.05)
+    assert auto_scale(prob, diameter=10.5) == 1.0  # within a tenth of 1: left as it is
+    assert auto_scale(prob, diameter=12.0) == pytest.approx(1.2, rel=0.05)
+    assert auto_scale(prob, magnify_below=8.0) == 1.0  # 10 pixels: not magnified
+    assert auto_scale(_disc(11.0), magnify_below=25.0) == pytest.approx(30 / 22, rel=0.05)
     assert auto_scale(prob, max_scale=1.0) == 1.0
-    for kwargs in ({"diameter": 0.0}, {"diameter": float("nan")}, {"max_scale": 0.5}):
-        with pytest.raises(ValueError, match=r"diameter|max_scale"):
+    large = _disc(20.0)  # 40 pixels across
+    assert auto_scale(large) == pytest.approx(0.75, rel=0.05)
+    assert auto_scale(large, min_scale=1.0) == 1.0
+    # A second look that finds the nucleus larger (whole) decides; a smaller one does not.
+    assert auto_scale(prob, second=large) == pytest.approx(0.75, rel=0.05)
+    assert auto_scale(large, second=prob) == pytest.approx(0.75, rel=0.05)
+    assert auto_scale(np.zeros_like(prob), second=large) == pytest.approx(0.75, rel=0.05)
+    for kwargs in (
+        {"diameter": 0.0}, {"diameter": float("nan")}, {"max_scale": 0.5}, {"min_scale": 0.0},
+        {"min_scale": 1.5}, {"second": np.zeros((3, 3))},
+    ):  # fmt: skip
+        with pytest.raises(ValueError, match=r"diameter|max_scale|min_scale|second"):
             auto_scale(prob, **kwargs)
 
 
-def test_predict_probability_auto_predicts_twice_only_for_small_nuclei():
+def test_predict_probability_auto_looks_again_at_half_size_before_shrinking():
     small = np.repeat(_disc(5.0, (64, 64))[None], 3, axis=0)
     model = BrightNet()
     prob, used = predict_probability(model, small, scale="auto")
     assert used == 2.0 and prob.shape == (64, 64)
     assert model.seen == [(64, 64), (128, 128)]
     np.testing.assert_array_equal(prob > 0.5, small[0] > 0.5)
-    large = np.repeat(_disc(25.0, (64, 64))[None], 3, axis=0)
+    middle = np.repeat(_disc(14.0, (64, 64))[None], 3, axis=0)  # 28 pixels: near enough
+    model = BrightNet()
+    prob, used = predict_probability(model, middle, scale="auto")
+    assert used == 1.0 and model.seen == [(64, 64)]
+    large = np.repeat(_disc(25.0, (64, 64))[None], 3, axis=0)  # 50 pixels: shrunk to 30
     model = BrightNet()
     prob, used = predict_probability(model, large, scale="auto")
-    assert used == 1.0 and model.seen == [(64, 64)]
+    assert used == pytest.approx(0.6, rel=0.05) and prob.shape == (64, 64)
+    # plain, half, final: 64 * 0.6 = 38 pixels, padded to the network's multiple of 4
+    assert model.seen == [(64, 64), (32, 32), (40, 40)]
+    mask, truth = prob > 0.5, large[0] > 0.5  # resampled twice: the border may move a pixel
+    assert (mask & truth).sum() / (mask | truth).sum() > 0.97
     assert predict_probability(BrightNet(), large, scale=1.5)[1] == 1.5
     with pytest.raises(ValueError, match="'auto'"):
         predict_probability(BrightNet(), large, scale="big")
@@ -154,12 +182,14 @@ def test_semantic_mask_with_min_peak_keeps_confident_regions_and_their_holes():
     bright = np.zeros((40, 60), bool)
     bright[5:25, 5:25] = True
     bright[12:16, 12:16] = False
-    _, every = predict_image(BrightNet(), image, instances=None)
-    _, kept = predict_image(BrightNet(), image, instances=None, min_peak=0.99)
+    _, every = predict_image(BrightNet(), image, preset=PLAIN, instances=None)
+    _, kept = predict_image(BrightNet(), image, preset=PLAIN, instances=None, min_peak=0.99)
     assert kept.dtype == np.uint8
     assert np.array_equal(kept > 0, bright)
     assert np.array_equal(every > 0, bright | (image == 0.6))
-    _, labels = predict_image(BrightNet(), image, min_peak=0.99, instances="components")
+    _, labels = predict_image(
+        BrightNet(), image, preset=PLAIN, min_peak=0.99, instances="components"
+    )
     assert labels.max() == 1 and not labels[5:25, 35:55].any()
 
 
@@ -170,13 +200,17 @@ def test_smooth_applies_to_labels_and_the_semantic_mask_not_to_the_probability()
     image = np.zeros((30, 30), np.float32)
     image[5:20, 5:20] = 1.0
     image[25, 25] = 1.0
-    prob, mask = predict_image(BrightNet(), image, instances=None)
-    smooth_prob, smooth_mask = predict_image(BrightNet(), image, instances=None, smooth=1.0)
+    prob, mask = predict_image(BrightNet(), image, preset=PLAIN, instances=None)
+    smooth_prob, smooth_mask = predict_image(
+        BrightNet(), image, preset=PLAIN, instances=None, smooth=1.0
+    )
     np.testing.assert_array_equal(prob, smooth_prob)
     assert mask.sum() == 15 * 15 + 1 and mask[25, 25]
     assert smooth_mask.sum() == 15 * 15 - 4 and not smooth_mask[25, 25]
     assert not smooth_mask[5, 5] and smooth_mask[5, 6]
-    _, labels = predict_image(BrightNet(), image, instances="components", min_size=0, smooth=1.0)
+    _, labels = predict_image(
+        BrightNet(), image, preset=PLAIN, instances="components", min_size=0, smooth=1.0
+    )
     assert np.array_equal(labels > 0, smooth_mask > 0)
     with pytest.raises(ValueError, match="smooth must be"):
         predict_image(BrightNet(), image, smooth=-1.0)
@@ -277,11 +311,11 @@ def test_tta_with_scale_and_auto():
     prob, used = predict_probability(model, small, scale="auto", tta=True)
     assert used == 2.0 and model.seen == [(64, 64)] + [(128, 128)] * 8  # measured once, plain
     np.testing.assert_array_equal(prob > 0.5, small[0] > 0.5)
-    large = np.repeat(_disc(25.0, (64, 64))[None], 3, axis=0)
+    middle = np.repeat(_disc(14.0, (64, 64))[None], 3, axis=0)
     model = BrightNet()
-    prob, used = predict_probability(model, large, scale="auto", tta=True)
+    prob, used = predict_probability(model, middle, scale="auto", tta=True)
     assert used == 1.0 and model.seen == [(64, 64)] * 8  # the measuring pass is a view
-    np.testing.assert_array_equal(prob, predict_foreground(BrightNet(), large, tta=True))
+    np.testing.assert_array_equal(prob, predict_foreground(BrightNet(), middle, tta=True))
 
 
 def test_tta_reuses_a_given_identity_view_and_checks_it():
@@ -301,3 +335,48 @@ def test_tta_reuses_a_given_identity_view_and_checks_it():
             predict_foreground(BrightNet(), image, identity=plain, **kwargs)
     with pytest.raises(ValueError, match=r"identity has shape \(40, 55\)"):
         predict_foreground(BrightNet(), image, tta=True, identity=plain[:, :55])
+
+
+def test_preset_defaults_checks_and_checkpoint_round_trip():
+    preset = Preset()
+    assert (preset.scale, preset.tta, preset.min_peak, preset.min_size) == ("auto", True, 0.99, 24)
+    assert Preset.from_dict(preset.to_dict()) == preset
+    assert Preset.from_dict({"tta": False}) == Preset(tta=False)  # missing keys: defaults
+    assert Preset(min_peak=None).min_peak == 0.0  # None and 0 both keep every region
+    # ``but`` replaces the settings given, and None keeps the preset's.
+    assert preset.but(scale=1.0, tta=None, threshold=None) == Preset(scale=1.0)
+    # A checkpoint's own preset, or the defaults for one that has none.
+    assert Preset.of_checkpoint({"extra": {"preset": {"min_size": 40}}}) == Preset(min_size=40)
+    assert Preset.of_checkpoint({"extra": {}}) == Preset.of_checkpoint({}) == Preset()
+    assert Preset.for_training("full").min_peak == 0.9 and Preset.for_training("pce") == preset
+    for bad, message in [
+        ({"threshold": 1.0}, "threshold must be a probability"),
+        ({"method": "blobs"}, "method must be 'watershed' or 'components'"),
+        ({"min_size": -1}, "min_size must be a whole number"),
+        ({"min_peak": 1.5}, "min_peak must be a probability"),
+        ({"smooth": float("nan")}, "smooth must be a finite number"),
+        ({"scale": "big"}, "scale must be a positive number or 'auto'"),
+        ({"diameter": 0}, "diameter must be a positive finite number"),
+        ({"tta": "yes"}, "tta must be True or False"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            Preset(**bad)
+    with pytest.raises(ValueError, match=r"unknown preset settings \['colour'\]"):
+        Preset.from_dict({"colour": "red"})
+    with pytest.raises(ValueError, match="not a dict of settings"):
+        Preset.of_checkpoint({"extra": {"preset": 5}})
+    with pytest.raises(ValueError, match="baseline must be"):
+        Preset.for_training("rf")
+
+
+def test_predict_image_takes_the_presets_settings():
+    """The same image through the defaults and through a preset that magnifies by 2 and
+    keeps every region: the settings reach the network (sizes seen) and the labels."""
+    image = np.zeros((40, 48), np.float32)
+    image[10:30, 10:30] = 1.0
+    model = BrightNet()
+    _, labels = predict_image(model, image, preset=PLAIN.but(scale=2.0))
+    assert model.seen == [(80, 96)] and labels.max() == 1
+    model = BrightNet()
+    predict_image(model, image, preset=PLAIN, tta=True)
+    assert len(model.seen) == 8  # the eight views

@@ -11,7 +11,7 @@ from s2l_core.augment import AugmentConfig
 from s2l_core.files import read_image
 from s2l_core.infer import predict_foreground
 from s2l_core.loop import AnnotationLoop, Round, uncertainty
-from s2l_core.predict import load_model
+from s2l_core.predict import MIN_AUTO_SCALE, Preset, load_model
 from s2l_core.scribbles import UNLABELLED, read_scribble, synthesize_scribbles
 from s2l_core.train import TrainConfig, load_checkpoint
 
@@ -83,8 +83,13 @@ def test_loop_errors(tmp_path):
 def test_rounds_predict_with_the_loops_scale_and_tta(tmp_path):
     image, labels = synthetic_nuclei(0, (64, 80))
     scribbles = {"a": synthesize_scribbles(labels, 0.3, seed=0).scribble}
-    plain = AnnotationLoop({"a": image}, tmp_path / "plain", config=SMALL, device="cpu")
+    plain = AnnotationLoop(
+        {"a": image}, tmp_path / "plain", config=SMALL, device="cpu", scale=1.0, tta=False
+    )
     assert plain.run_round(scribbles, epochs=1).scales == {"a": 1.0}
+    assert load_model(plain.rounds[0].checkpoint)[1]["extra"]["preset"] == (
+        Preset(scale=1.0, tta=False).to_dict()
+    )
     loop = AnnotationLoop(
         {"a": image}, tmp_path / "work", config=SMALL, device="cpu", scale=2, tta=True
     )
@@ -96,7 +101,8 @@ def test_rounds_predict_with_the_loops_scale_and_tta(tmp_path):
     np.testing.assert_allclose(round_.probabilities["a"], expected, atol=1e-5)
     assert not np.allclose(expected, predict_foreground(model, x, scale=2.0), atol=1e-3)
     auto = AnnotationLoop({"a": image}, tmp_path / "auto", config=SMALL, device="cpu", scale="auto")
-    assert 1.0 <= auto.run_round(scribbles, epochs=1).scales["a"] <= 2.0
+    assert auto.preset == Preset()  # the defaults: the automatic scale, with TTA
+    assert MIN_AUTO_SCALE <= auto.run_round(scribbles, epochs=1).scales["a"] <= 2.0
 
 
 def _three_squares() -> np.ndarray:
@@ -111,10 +117,10 @@ def _three_squares() -> np.ndarray:
 @pytest.mark.parametrize(
     ("min_peak", "min_size", "smooth", "expected"),
     [
-        (None, 16, 0, [225, 225]),
+        (0, 16, 0, [225, 225]),
         (0.99, 16, 0, [225]),
         (0.99, 4, 0, [225, 9]),
-        (None, 1, 0, [225, 225, 9]),
+        (0, 1, 0, [225, 225, 9]),
         (0.99, 4, 1.0, [221, 5]),  # smoothed: the squares lose their corners
     ],
 )

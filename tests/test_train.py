@@ -13,6 +13,7 @@ from s2l_core.augment import AugmentConfig
 from s2l_core.baselines import RandomForestSegmenter
 from s2l_core.metrics import f1_at, foreground_iou
 from s2l_core.predict import (
+    Preset,
     check_smooth,
     check_threshold,
     foreground_to_instances,
@@ -481,7 +482,15 @@ def test_predict_folder_of_mixed_images(tiny_checkpoint, tmp_path):
         tiny_checkpoint, src, tmp_path / "auto", scale="auto", progress=False, device="cpu"
     )
     assert all(read_image(p).shape == (70, 90) for p in magnified)
-    assert read_json(tmp_path / "auto" / "s2l_predict.json")["scale"] == "auto"
+    settings = read_json(tmp_path / "auto" / "s2l_predict.json")["preset"]
+    assert settings["scale"] == "auto" and settings == Preset().to_dict()
+    plain = predict_folder(
+        tiny_checkpoint, src, tmp_path / "plain", scale=1.0, tta=False, min_peak=0,
+        progress=False, device="cpu",
+    )  # fmt: skip
+    settings = read_json(tmp_path / "plain" / "s2l_predict.json")["preset"]
+    assert settings == Preset(scale=1.0, tta=False, min_peak=0.0).to_dict()
+    assert len(plain) == 4
 
 
 def test_predict_folder_errors_leave_no_partial_output(tiny_checkpoint, tmp_path):
