@@ -230,3 +230,78 @@ def test_score_checkpoint_scores_every_smoothing_of_one_prediction():
     assert len(model.seen) == 1
     assert rows["smooth"].tolist() == [0.0, 1.0]
     assert rows["iou"].tolist() == pytest.approx([1.0, 136 / 144])
+
+
+generalization = _load("bench_generalization")
+
+
+def test_leave_one_group_out_folds_never_train_on_the_group_they_score():
+    """A manifest of three shapes: each group's fold trains on the other groups' training
+    images and scores every image of its own group; the in-distribution fold is the
+    split as persisted."""
+    rows = []
+    for k, (shape, split) in enumerate(
+        [((256, 256), "train"), ((256, 256), "test"), ((360, 360), "train"),
+         ((360, 360), "val"), ((512, 640), "train"), ((603, 1272), "test"),
+         ((256, 320), "train")]
+    ):  # fmt: skip
+        rows.append({"image_id": f"i{k}", "modality": "fluorescence", "height": shape[0],
+                     "width": shape[1], "split": split})  # fmt: skip
+    rows.append({"image_id": "h", "modality": "histopathology", "height": 256, "width": 320,
+                 "split": "train"})  # fmt: skip
+
+    class Manifest:
+        manifest = pd.DataFrame(rows)
+
+    folds = generalization.folds(Manifest, "fluorescence")
+    assert set(folds) == {"in-distribution", "256x256", "360x360", "other"}
+    assert folds["in-distribution"] == (["i0", "i2", "i4", "i6"], ["i3"], ["i1", "i5"])
+    assert folds["256x256"] == (["i2", "i4", "i6"], ["i3"], ["i0", "i1"])
+    assert folds["360x360"] == (["i0", "i4", "i6"], [], ["i2", "i3"])
+    assert folds["other"] == (["i0", "i2"], ["i3"], ["i4", "i5", "i6"])
+    for train, val, scored in folds.values():
+        assert not set(scored) & (set(train) | set(val))
+    assert list(generalization.folds(Manifest, "histopathology")) == ["in-distribution"]
+
+
+def test_shifts_change_image_and_labels_as_named():
+    image = np.zeros((20, 30, 3), np.uint8)
+    image[5:15, 10:20] = 200
+    labels = np.zeros((20, 30), np.uint16)
+    labels[5:15, 10:20] = 7
+    big, big_labels = generalization.shift_image(image, labels, "scale", 2.0, seed=0)
+    assert big.shape == (40, 60, 3) and big_labels.shape == (40, 60)
+    assert big_labels.dtype == np.uint16 and set(np.unique(big_labels)) == {0, 7}
+    assert (big_labels == 7).sum() == 4 * 100  # nearest neighbour: the area times four
+    small, small_labels = generalization.shift_image(image, labels, "scale", 0.5, seed=0)
+    assert small.shape == (10, 15, 3) and (small_labels == 7).sum() == 25
+    same, same_labels = generalization.shift_image(image, labels, "identity", 1.0, seed=0)
+    assert same is image and same_labels is labels
+    dim, dim_labels = generalization.shift_image(image, labels, "dim", 0.1, seed=0)
+    assert dim.max() == 20 and dim_labels is labels
+    gamma, _ = generalization.shift_image(image, labels, "gamma", 2.0, seed=0)
+    assert gamma.max() == 200 and gamma.min() == 0  # the extremes stay
+    noisy, _ = generalization.shift_image(image, labels, "noise", 0.1, seed=1)
+    again, _ = generalization.shift_image(image, labels, "noise", 0.1, seed=1)
+    assert np.array_equal(noisy, again) and not np.array_equal(noisy, image)
+    blurred, _ = generalization.shift_image(image[..., 0], labels, "blur", 1.0, seed=0)
+    assert blurred.shape == (20, 30, 1) and 0 < blurred[5, 10, 0] < 200
+    with pytest.raises(ValueError, match="unknown shift"):
+        generalization.shift_image(image, labels, "sepia", 1.0, seed=0)
+
+
+def test_generalization_summary_needs_every_group_for_a_held_out_mean():
+    """Two seeds; seed 1 lacks the group 'b': its held-out mean is not a mean of 'a'."""
+    rows = []
+    for seed, fold, iou in [(0, "in-distribution", 0.9), (0, "a", 0.8), (0, "b", 0.6),
+                            (1, "in-distribution", 0.88), (1, "a", 0.7)]:  # fmt: skip
+        rows.append({"variant": "s2l", "method": "s2l", "modality": "fluorescence",
+                     "preset": "default", "seed": seed, "fold": fold, "shift": "none",
+                     "iou": iou, "ap": iou / 2, "f1": iou, "aji": iou})  # fmt: skip
+    text = generalization.to_markdown(pd.DataFrame(rows), "cmd")
+    line = next(x for x in text.splitlines() if x.startswith("| s2l |"))
+    cells = [c.strip() for c in line.strip("|").split("|")]
+    assert cells[4] == "2"  # seeds
+    assert cells[5] == "0.890 ± 0.010 (0.445)"  # in-distribution over both seeds
+    assert cells[6] == "0.700 (0.350) [1 seed]"  # held-out mean of seed 0 only: (0.8+0.6)/2
+    assert cells[8] == "0.750 ± 0.050 (0.375)"  # group a over both seeds
