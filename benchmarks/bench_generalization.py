@@ -398,21 +398,15 @@ def gather(work: Path):
 
 
 def summarize(rows):
-    """Fold means per (variant, modality, preset, seed), then mean and spread over seeds."""
+    """Mean scores per (variant, method, modality, preset, seed, fold) of the unshifted
+    images."""
     plain = rows[rows["shift"] == "none"]
-    per_fold = plain.groupby(["variant", "method", "modality", "preset", "seed", "fold"])[
-        list(SHOWN)
-    ].mean()
-    per_fold = per_fold.reset_index()
-    held = per_fold[per_fold.fold != IN_DISTRIBUTION]
-    logo = held.groupby(["variant", "method", "modality", "preset", "seed"])[list(SHOWN)].agg(
-        ["mean", "min"]
-    )
-    return per_fold, logo
+    keys = ["variant", "method", "modality", "preset", "seed", "fold"]
+    return plain.groupby(keys)[list(SHOWN)].mean().reset_index()
 
 
 def to_markdown(rows, command: str, title: str = "Generalization benchmark") -> str:
-    per_fold, _ = summarize(rows)
+    per_fold = summarize(rows)
     lines = [f"# {title}", "", f"Command: `{command}`", ""]
     key = ["variant", "method", "modality", "preset"]
     table = per_fold.pivot_table(index=[*key, "seed"], columns="fold", values="iou")
@@ -546,7 +540,7 @@ def report(args) -> None:
         Path(tmp).write_text(markdown)
     with atomic_path(out / f"{args.name}_per_image.csv.gz") as tmp:
         rows.to_csv(tmp, index=False, float_format="%.4f", compression="gzip")
-    per_fold, _ = summarize(rows)
+    per_fold = summarize(rows)
     jobs = [json.loads(p.read_text()) for p in sorted((work / "jobs").glob("*.json"))]
     write_json(
         out / f"{args.name}.json",

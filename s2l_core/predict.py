@@ -609,7 +609,9 @@ def predict_probability(
     chosen = auto_scale(plain, **measure)
     if chosen < 1.0 and min(image.shape[-2:]) * _SECOND_LOOK >= 16:
         half = predict_foreground(model, image, scale=_SECOND_LOOK, **options)
-        chosen = auto_scale(plain, second=half, **measure)
+        # As auto_scale(plain, second=half), without measuring ``plain`` again: the
+        # larger diameter of the two is the smaller of their scales.
+        chosen = min(chosen, auto_scale(half, **measure))
     if chosen != 1.0:
         return predict_foreground(model, image, scale=chosen, tta=tta, **options), chosen
     if tta:  # the plain pass is the first of the eight views
