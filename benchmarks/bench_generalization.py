@@ -27,7 +27,8 @@ the random forest and the report)::
 
 or step by step (the GPU script ``run_generalization_gpu.sh`` runs ``run`` there)::
 
-    python benchmarks/bench_generalization.py run benchmarks/variants/generalization.json \\
+    python benchmarks/bench_generalization.py run \\
+        benchmarks/results/generalization/generalization.config.json \\
         --device cuda --parallel 14 --work runs/generalization
     python benchmarks/bench_generalization.py rf --work runs/generalization
     python benchmarks/bench_generalization.py report --work runs/generalization
@@ -50,7 +51,7 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results" / "generalization"
 DEFAULT_MIRROR = HERE.parent.parent / "shared" / "data" / "bbbc038" / "stage1_train.zip"
-VARIANTS = HERE / "variants" / "generalization.json"
+VARIANTS = RESULTS / "generalization.config.json"
 sys.path.insert(0, str(HERE))
 
 #: Image shapes that each form an acquisition group of BBBC038 fluorescence; every other

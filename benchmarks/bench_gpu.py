@@ -15,7 +15,7 @@ Usage (on a machine with CUDA)::
 
     python benchmarks/bench_gpu.py --cache-dir ~/.cache/scribble2label
 
-Figures go to ``benchmarks/results/gpu.json``.
+Figures go to ``benchmarks/results/speed/gpu.json``.
 """
 
 from __future__ import annotations
@@ -133,7 +133,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--source", default=str(DEFAULT_MIRROR))
     parser.add_argument("--cache-dir")
     parser.add_argument("--loop-epochs", type=int, default=6)
-    parser.add_argument("--output", type=Path, default=HERE / "results" / "gpu.json")
+    parser.add_argument("--output", type=Path, default=HERE / "results" / "speed" / "gpu.json")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("bench_gpu.py needs a CUDA GPU; use bench_model.py on a CPU")

@@ -14,7 +14,7 @@ Run from the repository root::
     .venv/bin/python benchmarks/bench_model.py          # about 3 minutes
     .venv/bin/python benchmarks/bench_model.py --quick  # about 1 minute
 
-The figures are written to ``benchmarks/results/model.json``. On a shared machine they
+The figures are written to ``benchmarks/results/speed/model.json``. On a shared machine they
 are noisy: the load average before and after each configuration is recorded with them.
 """
 
@@ -33,7 +33,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-RESULTS = Path(__file__).resolve().parent / "results" / "model.json"
+RESULTS = Path(__file__).resolve().parent / "results" / "speed" / "model.json"
 
 # name, model configuration (s2l_core.model.from_config), channels-last, bfloat16
 # autocast (TrainConfig.cpu_bf16; measured only on a CPU that computes bfloat16 natively)

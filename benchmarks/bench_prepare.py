@@ -3,7 +3,7 @@
 Times each step of a cold run (copy of the archive into an empty cache, verification,
 extraction, preparation of images / labels / modalities / split, scribble synthesis at
 10/30/50/100 %) and a warm run that finds everything cached. Prints the figures and writes
-them to ``benchmarks/results/prepare.json``.
+them to ``benchmarks/results/speed/prepare.json``.
 
 Usage::
 
@@ -63,7 +63,7 @@ def main() -> None:
     parser.add_argument("--mirror", type=Path, default=DEFAULT_MIRROR)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--workers", type=int, default=None)
-    parser.add_argument("--out", type=Path, default=HERE / "results" / "prepare.json")
+    parser.add_argument("--out", type=Path, default=HERE / "results" / "speed" / "prepare.json")
     args = parser.parse_args()
     runs, warm = [], []
     for k in range(args.repeats):

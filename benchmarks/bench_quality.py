@@ -12,7 +12,7 @@ then predicts every test image whole, splits the foreground into nuclei (distanc
 watershed) and scores it: foreground IoU and Dice, DSB average precision over IoU
 0.5…0.95, F1 at IoU 0.5, AJI, the original's object mDice and a corrected object Dice.
 Every table is also given per image-size group. Figures go to
-``benchmarks/results/quality_<modality>_r<ratio>.json`` and ``.md``.
+``benchmarks/results/quality/quality_<modality>_r<ratio>.json`` and ``.md``.
 
 Usage::
 
@@ -135,7 +135,7 @@ def main() -> None:
         tables.append(evaluate(lambda x, t=trainer: t.predict(x), test, method))
 
     name = f"quality_{args.modality}_r{round(args.ratio * 100):03d}"
-    out = HERE / "results"
+    out = HERE / "results" / "quality"
     command = "python " + " ".join(shlex.quote(a) for a in sys.argv)
     commands = {m: command for m in args.methods}
     if args.merge and (out / f"{name}.csv").is_file():

@@ -17,7 +17,7 @@ Usage::
         s2l=book/reference/s2l_fluorescence_r030.pt \\
         pce=runs/bench/fluorescence_r030/pce.pt full=runs/bench/fluorescence_r030/full.pt
 
-Figures go to ``benchmarks/results/scale_<modality>.json`` and ``.md``.
+Figures go to ``benchmarks/results/prediction/scale_<modality>.json`` and ``.md``.
 """
 
 from __future__ import annotations
@@ -238,7 +238,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--source", default=str(DEFAULT_MIRROR))
     parser.add_argument("--cache-dir")
     parser.add_argument("--max-images", type=int, help="score only the first N per split")
-    parser.add_argument("--output", type=Path, help="default: results/scale_<modality>.json")
+    parser.add_argument(
+        "--output", type=Path, help="default: results/prediction/scale_<modality>.json"
+    )
     args = parser.parse_args(argv)
 
     dataset = data.prepare_dataset(args.source, args.cache_dir, progress=False)
@@ -266,7 +268,7 @@ def main(argv: list[str] | None = None) -> None:
                     )
     per_image = pd.concat(tables, ignore_index=True).drop(columns="instances")
     command = "python " + " ".join(shlex.quote(a) for a in sys.argv)
-    output = args.output or HERE / "results" / f"scale_{args.modality}.json"
+    output = args.output or HERE / "results" / "prediction" / f"scale_{args.modality}.json"
     summary = per_image.groupby(list(KEYS), sort=False)[list(SCORES)].mean()
     bounds = []
     for split, part in per_image.groupby("split", sort=False):

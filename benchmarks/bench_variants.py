@@ -17,10 +17,12 @@ The variants come from a JSON file: a list of objects with ``name``, ``method``,
 
 Usage::
 
-    python benchmarks/bench_variants.py benchmarks/variants/gpu_sweep.json \\
-        --parallel 4 --output benchmarks/results/variants.json
+    python benchmarks/bench_variants.py benchmarks/results/variants/gpu_sweep.config.json \\
+        --parallel 4
 
-The figures are written to ``--output`` (JSON) and the same name with ``.md``; with
+The figures are written to ``--output`` (JSON) and the same name with ``.md``; by default
+beside the variant file, ``NAME.config.json`` giving ``NAME.json`` and ``NAME.md``
+(:func:`default_output`), so each configuration lies beside its results; with
 ``--checkpoints DIR`` each variant's weights are exported there (int8) for later study.
 """
 
@@ -184,6 +186,14 @@ def to_markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def default_output(variants: Path) -> Path:
+    """Where a variant file's results go: ``NAME.config.json`` gives ``NAME.json`` beside
+    it; any other file ``benchmarks/results/variants/<stem>.json``."""
+    if variants.name.endswith(".config.json"):
+        return variants.with_name(variants.name.removesuffix(".config.json") + ".json")
+    return HERE / "results" / "variants" / f"{variants.stem}.json"
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("variants", type=Path, help="JSON list of variants")
@@ -196,8 +206,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--source", default=str(DEFAULT_MIRROR))
     parser.add_argument("--cache-dir")
     parser.add_argument("--checkpoints", help="export each variant's weights (int8) here")
-    parser.add_argument("--output", type=Path, default=HERE / "results" / "variants.json")
+    parser.add_argument(
+        "--output", type=Path, help="results JSON (default: beside the variant file)"
+    )
     args = parser.parse_args(argv)
+    args.output = args.output or default_output(args.variants)
 
     import torch
 

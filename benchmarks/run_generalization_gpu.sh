@@ -12,7 +12,7 @@ mkdir -p "$OUT" "$WORK"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 "$PYTHON" -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name(0))"
 timeout "${BUDGET_S:-450}" "$PYTHON" benchmarks/bench_generalization.py run \
-  "${VARIANTS:-benchmarks/variants/generalization.json}" --device ${DEVICE:-cuda} \
+  "${VARIANTS:-benchmarks/results/generalization/generalization.config.json}" --device ${DEVICE:-cuda} \
   --parallel "${PARALLEL:-14}" --threads "${THREADS:-1}" --dataset "$DATASET" --work "$WORK" \
   --presets plain up auto default --no-shifts
 echo "run exit $?"

@@ -65,9 +65,20 @@ def test_variant_files_are_checked(tmp_path):
 
 
 def test_shipped_variant_files_load():
-    for path in sorted((BENCHMARKS / "variants").glob("*.json")):
+    shipped = sorted((BENCHMARKS / "results").glob("*/*.config.json"))
+    assert shipped, "no variant files beside the results"
+    for path in shipped:
         for variant in variants.load_variants(path):
             variants.make_config(variant, seed=0)
+
+
+def test_variant_results_go_beside_their_configuration(tmp_path):
+    config = tmp_path / "zoom_sweep.config.json"
+    assert variants.default_output(config) == tmp_path / "zoom_sweep.json"
+    other = variants.default_output(tmp_path / "mine.json")
+    assert other == BENCHMARKS / "results" / "variants" / "mine.json"
+    for path in sorted((BENCHMARKS / "results" / "variants").glob("*.config.json")):
+        assert variants.default_output(path).is_file(), f"{path.name}: no results beside it"
 
 
 def test_summary_is_per_size_means():
@@ -305,3 +316,9 @@ def test_generalization_summary_needs_every_group_for_a_held_out_mean():
     assert cells[5] == "0.890 ± 0.010 (0.445)"  # in-distribution over both seeds
     assert cells[6] == "0.700 (0.350) [1 seed]"  # held-out mean of seed 0 only: (0.8+0.6)/2
     assert cells[8] == "0.750 ± 0.050 (0.375)"  # group a over both seeds
+
+
+def test_generalization_defaults_point_to_shipped_files():
+    assert generalization.VARIANTS.is_file()
+    assert generalization.VARIANTS.parent == generalization.RESULTS
+    assert (generalization.RESULTS / "generalization.json").is_file()
