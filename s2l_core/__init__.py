@@ -5,4 +5,4 @@ preparation (:mod:`s2l_core.data`), scribble synthesis (:mod:`s2l_core.scribbles
 and the pieces the chapters assemble into a training loop.
 """
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"

@@ -9,10 +9,13 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 from s2l_core import data, scribbles
+from s2l_core.files import check_writable
 
 __all__ = ["main"]
 
@@ -46,9 +49,28 @@ def _prepare(args: argparse.Namespace) -> int:
     return 0
 
 
-def _train(args: argparse.Namespace) -> int:
-    from pathlib import Path
+def _check_out(out: Path, state_path: Path, resume: bool) -> None:
+    """Refuse, before any data is read, an ``--out`` that training could not write or
+    that would replace an earlier result."""
+    if out.is_dir():
+        raise ValueError(
+            f"--out {out} is a folder; give the checkpoint's file name, e.g. {out / 's2l.pt'}"
+        )
+    check_writable(out.parent)
+    if resume and state_path.is_file():
+        return
+    for earlier in (state_path, out):
+        if earlier.exists():
+            resume_it = (
+                "add --resume to continue that training, or " if earlier == state_path else ""
+            )
+            raise ValueError(
+                f"{earlier} exists (an earlier run's); {resume_it}choose another --out (or "
+                "delete it) to train anew"
+            )
 
+
+def _train(args: argparse.Namespace) -> int:
     from s2l_core import train
 
     overrides = {}
@@ -64,6 +86,9 @@ def _train(args: argparse.Namespace) -> int:
     if args.cpu_bf16:
         overrides["cpu_bf16"] = True
     config = train.TrainConfig.profile(args.profile, **overrides)
+    out = Path(args.out)
+    state_path = out.with_name(out.stem + ".state.pt")
+    _check_out(out, state_path, args.resume)
     if args.images:
         if not args.scribbles:
             raise ValueError("--images needs --scribbles (a folder of scribble images)")
@@ -87,12 +112,16 @@ def _train(args: argparse.Namespace) -> int:
         val = train.load_samples(
             dataset, dataset.ids(args.modality, "val"), scribble_set, args.ratio
         )
-    out = Path(args.out)
-    state_path = out.with_name(out.stem + ".state.pt")
     if args.resume and state_path.is_file():
         trainer = train.Trainer.resume(state_path, samples, val=val, device=args.device)
         print(f"resumed from {state_path} at epoch {trainer.epoch}")
+        _say_kept(trainer.config.to_dict(), config.to_dict(), set(overrides) | {"profile"})
+        total = args.epochs if args.epochs is not None else trainer.config.epochs
+        if trainer.epoch >= total:
+            print(f"{state_path} has trained {trainer.epoch} epochs already (asked: {total})")
     else:
+        if args.resume:
+            print(f"no training state at {state_path}: starting anew", file=sys.stderr)
         trainer = train.Trainer(samples, config, val=val, device=args.device)
     history = trainer.fit(args.epochs, checkpoint=state_path, progress=not args.quiet)
     from s2l_core.predict import Preset
@@ -108,17 +137,53 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _say_kept(saved: dict, asked: dict, given: set[str]) -> None:
+    """Say which settings given now differ from the resumed run's, which keeps its own."""
+    differ = [
+        f"{k} {asked[k]!r} (kept: {saved[k]!r})"
+        for k in sorted(given & set(saved))
+        if k != "epochs" and saved[k] != asked.get(k)
+    ]
+    if differ:
+        print(
+            "--resume continues the saved run with its own settings; these options differ "
+            f"and are not used: {', '.join(differ)}",
+            file=sys.stderr,
+        )
+
+
+#: The most epochs ``s2l train`` takes (the ``full`` profile trains 200).
+MAX_EPOCHS = 10_000
+
+
+def epochs_argument(text: str) -> int:
+    """``--epochs`` (an ``argparse`` type): a whole number from 1 to :data:`MAX_EPOCHS`."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if not 1 <= value <= MAX_EPOCHS:
+        raise argparse.ArgumentTypeError(
+            f"must be a whole number from 1 to {MAX_EPOCHS:,}, got {text}"
+        )
+    return value
+
+
 def scale_argument(text: str) -> float | str:
-    """``--scale`` (an ``argparse`` type): ``auto`` or a positive number."""
+    """``--scale`` (an ``argparse`` type): ``auto`` or a number that
+    :func:`s2l_core.predict.check_scale` accepts."""
+    from s2l_core.predict import check_scale
+
     if text == "auto":
         return text
     try:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a number or 'auto', got {text!r}") from None
-    if not (value > 0 and value < float("inf")):
-        raise argparse.ArgumentTypeError(f"must be a positive number, got {text!r}")
-    return value
+    try:
+        return check_scale(value)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
 
 
 def _number_in(text: str, inside: Callable[[float], bool], interval: str) -> float:
@@ -244,7 +309,10 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--source", help="stage1_train.zip URL or path (see s2l prepare)")
     tr.add_argument("--cache-dir", help="cache folder (see s2l prepare)")
     tr.add_argument("--scribble-seed", type=int, default=0)
-    tr.add_argument("--epochs", type=int)
+    tr.add_argument(
+        "--epochs", type=epochs_argument,
+        help=f"epochs to train in all (1 to {MAX_EPOCHS:,}; default: the profile's)",
+    )  # fmt: skip
     tr.add_argument("--batch-size", type=int)
     tr.add_argument("--samples-per-epoch", type=int)
     tr.add_argument("--seed", type=int)
@@ -272,7 +340,10 @@ def build_parser() -> argparse.ArgumentParser:
         "runs about 1.5x faster; elsewhere float32",
     )  # fmt: skip
     tr.add_argument("--device", default="auto", help="auto, cpu or cuda")
-    tr.add_argument("--resume", action="store_true", help="continue from OUT.state.pt")
+    tr.add_argument(
+        "--resume", action="store_true",
+        help="continue from OUT.state.pt with its saved settings (--epochs sets the total)",
+    )  # fmt: skip
     tr.add_argument("--quiet", action="store_true", help="no progress bars")
     tr.set_defaults(func=_train)
 
@@ -338,15 +409,58 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+_HINTS = {
+    errno.EACCES: "check the permissions of that file or folder, or choose another",
+    errno.EPERM: "check the permissions of that file or folder, or choose another",
+    errno.EROFS: "choose a folder on a writable disk",
+    errno.ENOSPC: "free some space on that disk, or choose a folder on another",
+    errno.EDQUOT: "free some space within your quota, or choose a folder elsewhere",
+    errno.ENOTDIR: "a folder was expected there",
+    errno.EISDIR: "a file was expected there",
+}
+
+
+def _os_error(err: OSError) -> str:
+    """One line for an error of the file system: the file, what went wrong, what to do."""
+    where = err.filename if err.filename is not None else "a file"
+    what = err.strerror or str(err)
+    hint = _HINTS.get(err.errno)
+    return f"{where}: {what}" + (f"; {hint}" if hint else "")
+
+
+def _interrupted(args: argparse.Namespace) -> str:
+    if args.command == "train":
+        state = Path(args.out).with_name(Path(args.out).stem + ".state.pt")
+        return (
+            f"the state of the last finished epoch, if any, is in {state}; run the same "
+            "command with --resume to continue"
+        )
+    if args.command == "predict":
+        return "nothing was written to the output folder; run the command again"
+    return "nothing half-written was kept; run the command again to continue"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the ``s2l`` command line; return the exit status."""
+    """Run the ``s2l`` command line; return the exit status.
+
+    0 on success; 2 for a bad option or input (a missing, malformed or refused file,
+    an output that would replace something); 1 when the system fails the run (a folder
+    that cannot be written, a full disk) or it is interrupted (Ctrl-C). Every error is
+    one line on stderr that names the file and what to do.
+    """
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
         return args.func(args)
+    except KeyboardInterrupt:
+        print(f"s2l {args.command}: interrupted; {_interrupted(args)}", file=sys.stderr)
+        return 1
     except (ValueError, FileNotFoundError, RuntimeError) as err:
         print(f"s2l {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except OSError as err:
+        print(f"s2l {args.command}: error: {_os_error(err)}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import http.client
 import os
+import sys
 import urllib.error
 import urllib.request
 import zipfile
@@ -31,7 +32,17 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
-from s2l_core.files import atomic_dir, atomic_path, read_image, read_json, write_image, write_json
+from s2l_core.files import (
+    atomic_dir,
+    atomic_path,
+    lock_of,
+    locked,
+    read_image,
+    read_json,
+    remove_stale,
+    write_image,
+    write_json,
+)
 from s2l_core.runtime import parallel_map
 
 __all__ = [
@@ -150,6 +161,7 @@ def verify_archive(
     expected_images: int | None = None,
     expected_sha256: str | None = None,
     sha256: str | None = None,
+    name: str | None = None,
 ) -> ArchiveInfo:
     """Check that a file is a complete BBBC038-style zip archive.
 
@@ -167,6 +179,9 @@ def verify_archive(
         Required sha256 hex digest.
     sha256 : str, optional
         The digest if already computed (while downloading), to avoid reading twice.
+    name : str, optional
+        How errors name the archive (default: ``path``), e.g. the source it was
+        downloaded from while ``path`` is still a temporary file.
 
     Returns
     -------
@@ -181,20 +196,21 @@ def verify_archive(
     path = Path(path)
     if not path.is_file():
         raise DataError(f"archive not found: {path}")
+    label = name or str(path)
     try:
         with zipfile.ZipFile(path) as zf:
             names = zf.namelist()
             bad = zf.testzip()
     except (zipfile.BadZipFile, EOFError, OSError) as err:
         raise DataError(
-            f"{path} is not a readable zip archive (truncated or corrupt download?): {err}"
+            f"{label} is not a readable zip archive (truncated or corrupt download?): {err}"
         ) from err
     if bad is not None:
-        raise DataError(f"{path} is corrupt: the checksum of member {bad!r} does not match")
+        raise DataError(f"{label} is corrupt: the checksum of member {bad!r} does not match")
     unsafe = [n for n in names if not _is_safe_member(n)]
     if unsafe:
         raise DataError(
-            f"{path} holds entries that would be written outside the extraction folder, "
+            f"{label} holds entries that would be written outside the extraction folder, "
             f"e.g. {unsafe[0]!r}; refusing to use it"
         )
     images: set[str] = set()
@@ -207,17 +223,17 @@ def verify_archive(
             n_masks += 1
     if not images:
         raise DataError(
-            f"{path} holds no image folder of the form <id>/images/<id>.png: not a "
+            f"{label} holds no image folder of the form <id>/images/<id>.png: not a "
             "BBBC038-style archive"
         )
     if expected_images is not None and len(images) != expected_images:
         raise DataError(
-            f"{path} holds {len(images)} image folders, expected {expected_images} "
+            f"{label} holds {len(images)} image folders, expected {expected_images} "
             "(incomplete or wrong archive?)"
         )
     digest = sha256 or _sha256(path)
     if expected_sha256 is not None and digest != expected_sha256.lower():
-        raise DataError(f"{path} has sha256 {digest}, expected {expected_sha256}")
+        raise DataError(f"{label} has sha256 {digest}, expected {expected_sha256}")
     return ArchiveInfo(path, len(images), n_masks, digest, path.stat().st_size)
 
 
@@ -276,23 +292,39 @@ def fetch_archive(
 
     Notes
     -----
-    The archive is streamed to a temporary file next to its destination and renamed only
+    Processes that fetch into one cache take turns (``.stage1_train.zip.lock``). The
+    archive is streamed to a temporary file next to its destination and renamed only
     after the byte count, the zip checksums and the layout are verified. A record of
-    the verified archive (``stage1_train.zip.json``) lets later calls skip the download.
+    the verified archive (``stage1_train.zip.json``, with its sha256) lets later calls
+    skip the download; a cached archive whose digest no longer matches the record is an
+    error that says to fetch again with ``force``.
     The official file must hold 670 image folders; any other source must hold at least
     one.
     """
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     dest = cache / ARCHIVE_NAME
+    with locked(lock_of(dest), f"the archive {dest}"):
+        return _fetch_locked(source, cache, dest, expected_sha256, progress, force, timeout)
+
+
+def _fetch_locked(
+    source, cache: Path, dest: Path, expected_sha256, progress, force, timeout
+) -> Path:
     record = cache / f"{ARCHIVE_NAME}.json"
     if not force and dest.is_file() and record.is_file():
         info = read_json(record)
-        same_size = info.get("size") == dest.stat().st_size
-        if same_size and (expected_sha256 is None or info.get("sha256") == expected_sha256):
+        if expected_sha256 is None or info.get("sha256") == expected_sha256.lower():
+            if info.get("size") != dest.stat().st_size or _sha256(dest) != info.get("sha256"):
+                raise DataError(
+                    f"the cached archive {dest} has changed since it was fetched and "
+                    f"verified (its sha256 is not the one recorded in {record.name}); run "
+                    "again with --force (force=True) to fetch it again"
+                )
             return dest
     resolved = _resolve_source(source)
     expected_images = OFFICIAL_N_IMAGES if resolved == OFFICIAL_URL else None
     cache.mkdir(parents=True, exist_ok=True)
+    remove_stale(dest, held=True)
     with atomic_path(dest) as tmp:
         with open(tmp, "wb") as out:
             if isinstance(resolved, Path):
@@ -318,7 +350,11 @@ def fetch_archive(
         if digest == MIRROR_SHA256:
             expected_images = OFFICIAL_N_IMAGES
         info = verify_archive(
-            tmp, expected_images=expected_images, expected_sha256=expected_sha256, sha256=digest
+            tmp,
+            expected_images=expected_images,
+            expected_sha256=expected_sha256,
+            sha256=digest,
+            name=f"the archive from {resolved}",
         )
     write_json(
         record,
@@ -370,6 +406,11 @@ def extract_archive(
         (absolute path or ``..``); nothing is extracted then.
     """
     dest = Path(dest)
+    with locked(lock_of(dest), f"the folder {dest}"):
+        return _extract_locked(archive, dest, progress, force)
+
+
+def _extract_locked(archive, dest: Path, progress: bool, force: bool) -> Path:
     marker = dest / ".extracted"
     if not force and marker.is_file():
         return dest
@@ -385,6 +426,7 @@ def extract_archive(
                 f"{archive} holds entries that would be written outside {dest}, e.g. "
                 f"{unsafe[0]!r}; nothing was extracted"
             )
+        remove_stale(dest, held=True)
         with atomic_dir(dest) as tmp:
             for member in tqdm(members, desc="extract", unit="file", disable=not progress):
                 zf.extract(member, tmp)
@@ -642,6 +684,17 @@ class PreparedDataset:
             table = table[table["split"] == split]
         return sorted(table["image_id"])
 
+    def missing_files(self) -> list[Path]:
+        """Image and label files the manifest lists but the folder lacks (empty when the
+        dataset is complete)."""
+        missing = []
+        for kind in ("images", "labels"):
+            folder = self.root / kind
+            present = {p.name for p in folder.iterdir()} if folder.is_dir() else set()
+            names = [f"{i}.png" for i in self.manifest.index]
+            missing += [folder / name for name in names if name not in present]
+        return missing
+
     def _check_id(self, image_id: str) -> None:
         if image_id not in self.manifest.index:
             raise KeyError(f"image id {image_id!r} is not in {self.root / 'manifest.csv'}")
@@ -711,16 +764,39 @@ def prepare_dataset(
     DataError
         If the archive or any image folder is bad; the error names the file. Nothing
         half-written is left: the prepared folder appears only once complete.
+
+    Notes
+    -----
+    Processes that prepare the same cache take turns (a lock file,
+    ``<cache_dir>/.bbbc038.lock``); the second finds the first one's result and reuses
+    it. A prepared folder is reused only if every file its manifest lists is present;
+    temporaries of runs that were killed are removed.
     """
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     root = cache / "bbbc038"
+    with locked(lock_of(root), f"the dataset cache {cache}"):
+        return _prepare_locked(
+            source, cache, root, split_seed, workers, progress, force, expected_sha256
+        )
+
+
+def _prepare_locked(
+    source, cache: Path, root: Path, split_seed, workers, progress, force, expected_sha256
+) -> PreparedDataset:
     if not force and (root / "dataset.json").is_file():
         dataset = PreparedDataset(root)
-        if dataset.info.get("format") == PREPARED_FORMAT:
+        missing = dataset.missing_files()
+        if dataset.info.get("format") == PREPARED_FORMAT and not missing:
             if dataset.split_seed != split_seed:
                 _resplit(dataset, split_seed)
                 dataset = PreparedDataset(root)
             return dataset
+        if missing:
+            print(
+                f"{root} lacks {len(missing)} of its {2 * len(dataset)} files (e.g. "
+                f"{missing[0].name}); preparing it again",
+                file=sys.stderr,
+            )
     if source is not None and Path(str(source)).is_dir():
         raw = Path(source)
         origin = {"source": str(raw)}
@@ -733,6 +809,7 @@ def prepare_dataset(
     folders = sorted(p for p in raw.iterdir() if p.is_dir() and not p.name.startswith("."))
     if not folders:
         raise DataError(f"{raw} holds no image folders")
+    remove_stale(root, held=True)
     with atomic_dir(root) as tmp:
         rows = parallel_map(_prepare_one, [(f, tmp) for f in folders], workers, "prepare", progress)
         table = pd.DataFrame(rows).sort_values("image_id", ignore_index=True)

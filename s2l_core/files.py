@@ -1,18 +1,27 @@
-"""Reading and writing files safely: atomic writes and image input/output.
+"""Reading and writing files safely: atomic writes, locks, and image input/output.
 
 Every file the package writes goes through :func:`atomic_path`: the content is written
 to a temporary file in the destination folder and renamed over the destination only once
 it is complete, so a crash or an interrupted run never leaves a half-written file where a
 finished one is expected. :func:`atomic_dir` does the same for whole folders.
+
+Temporaries carry the id of the process that made them (``.<name>.<pid>-<random>.tmp``);
+:func:`remove_stale` deletes those of processes that no longer run, so a run killed
+outright leaves nothing behind for long. :func:`locked` serialises processes that share a
+folder (two ``s2l prepare`` runs on one cache).
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import shutil
+import sys
 import tempfile
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -24,8 +33,13 @@ __all__ = [
     "IMAGE_SUFFIXES",
     "atomic_dir",
     "atomic_path",
+    "check_writable",
+    "lock_of",
+    "locked",
     "read_image",
     "read_json",
+    "remove_stale",
+    "temporary_dir",
     "write_image",
     "write_json",
 ]
@@ -35,10 +49,230 @@ PathLike = str | os.PathLike
 IMAGE_SUFFIXES = (".png", ".tif", ".tiff", ".jpg", ".jpeg", ".bmp")
 
 
+_UMASK_LOCK = threading.Lock()
+
+
 def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
+    with _UMASK_LOCK:  # os.umask can only be read by setting it
+        mask = os.umask(0)
+        os.umask(mask)
     return mask
+
+
+def _tmp_prefix(path: Path) -> str:
+    """Prefix of the temporaries that stand in for ``path``: hidden, with this process's id."""
+    return f".{path.name}.{os.getpid()}-"
+
+
+def _pid_running(pid: int) -> bool:
+    """Whether a process ``pid`` exists (on this machine)."""
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):  # exists, but another user's (or cannot tell)
+        return True
+    return True
+
+
+def _start_time(pid: int | str) -> float | None:
+    """When process ``pid`` (or ``"self"``) started, in seconds since the epoch (Linux;
+    None where that cannot be read)."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii") as f:
+            ticks = int(f.read().rsplit(")", 1)[1].split()[19])
+        with open("/proc/stat", encoding="ascii") as f:
+            boot = next(int(line.split()[1]) for line in f if line.startswith("btime"))
+    except (OSError, ValueError, IndexError, StopIteration):
+        return None
+    return boot + ticks / os.sysconf("SC_CLK_TCK")
+
+
+def _started_after(pid: int, when: float) -> bool:
+    """Whether process ``pid`` started after the time ``when`` (False where that cannot be
+    told), i.e. its id was reused and a temporary dated ``when`` cannot be its own."""
+    start = _start_time(pid)
+    return start is not None and start > when + 1.0
+
+
+#: When this module was imported: a bound on when this process started.
+_IMPORTED = time.time()
+
+
+def remove_stale(path: PathLike, *, held: bool = False) -> list[Path]:
+    """Delete the temporaries of ``path`` left behind by processes that no longer run.
+
+    :func:`atomic_path` and :func:`atomic_dir` name their temporaries
+    ``.<name>.<pid>-<random>.tmp[<suffix>]`` (and ``.old`` for a folder being replaced)
+    beside ``path``. Those whose process has ended (or whose process id now belongs to a
+    process started after the temporary was last written) are removed; those of running
+    processes, this one included, are left alone. Nothing else is touched.
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+        The destination file or folder whose temporaries to clean.
+    held : bool, optional
+        The caller holds the lock (:func:`locked`) that every process writing ``path``
+        takes. Temporaries without a process id in their name (``.<name>.<random>.tmp``,
+        as earlier versions named them) are then removed too, if older than this
+        process.
+
+    Returns
+    -------
+    list of pathlib.Path
+        What was removed.
+    """
+    path = Path(path)
+    removed = []
+    if not path.parent.is_dir():
+        return removed
+    head = f".{path.name}."
+    started = min(_start_time("self") or _IMPORTED, _IMPORTED) if held else 0.0
+    for entry in path.parent.iterdir():
+        name = entry.name
+        if not name.startswith(head):
+            continue
+        tail = name[len(head) :]
+        if not (".tmp" in tail or tail.endswith(".old")):
+            continue
+        pid_text, dash, _ = tail.split(".", 1)[0].partition("-")
+        try:
+            mtime = entry.lstat().st_mtime
+        except FileNotFoundError:
+            continue
+        if dash and pid_text.isdigit():
+            pid = int(pid_text)
+            if _pid_running(pid) and not _started_after(pid, mtime):
+                continue  # its process still runs
+        elif dash or not held or mtime >= started:
+            continue  # not one of ours, or not known to be stale
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
+        removed.append(entry)
+    return removed
+
+
+def check_writable(folder: PathLike) -> Path:
+    """Check that files can be created in ``folder`` (created if missing), by creating one.
+
+    Call it before long work whose result goes there, so that a read-only folder is
+    found before the work rather than after.
+
+    Parameters
+    ----------
+    folder : str or os.PathLike
+        The folder.
+
+    Returns
+    -------
+    pathlib.Path
+        ``folder``.
+
+    Raises
+    ------
+    NotADirectoryError
+        If ``folder`` (or a folder above it) is a file.
+    PermissionError, OSError
+        If the folder cannot be created or written, naming it.
+    """
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise NotADirectoryError(errno.ENOTDIR, "is a file, not a folder", str(folder))
+    folder.mkdir(parents=True, exist_ok=True)
+    fd, probe = tempfile.mkstemp(prefix=_tmp_prefix(folder / "probe"), suffix=".tmp", dir=folder)
+    os.close(fd)
+    os.unlink(probe)
+    return folder
+
+
+def lock_of(path: PathLike) -> Path:
+    """The lock file of a destination: ``.<name>.lock`` beside it (for :func:`locked`)."""
+    path = Path(path)
+    return path.parent / f".{path.name}.lock"
+
+
+_HELD: dict[str, int] = {}
+_HELD_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def locked(path: PathLike, what: str = "this folder") -> Iterator[Path]:
+    """Hold an exclusive lock on the lock file ``path`` for the duration of the block.
+
+    Other processes that ask for the same lock wait (saying once, on stderr, what they
+    wait for); the lock is released when the block ends or the process dies, so a killed
+    process never leaves a lock behind. Within one process the lock is re-entrant. The
+    lock file itself is kept (removing it would let two processes lock two files).
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+        The lock file (created if missing).
+    what : str, optional
+        What the lock protects, for the waiting message.
+
+    Yields
+    ------
+    pathlib.Path
+        ``path``.
+    """
+    path = Path(path)
+    key = str(path.resolve())
+    with _HELD_LOCK:
+        nested = _HELD.get(key, 0) > 0
+        if nested:
+            _HELD[key] += 1
+    if nested:
+        try:
+            yield path
+        finally:
+            with _HELD_LOCK:
+                _HELD[key] -= 1
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle = open(path, "a+b")  # held until the block ends
+    try:
+        if not _try_lock(handle):
+            print(
+                f"waiting for another process that is using {what} (lock {path})",
+                file=sys.stderr,
+                flush=True,
+            )
+            while not _try_lock(handle):
+                time.sleep(0.2)
+        with _HELD_LOCK:
+            _HELD[key] = 1
+        try:
+            yield path
+        finally:
+            with _HELD_LOCK:
+                _HELD.pop(key, None)
+    finally:
+        handle.close()  # releases the lock
+
+
+def _try_lock(handle) -> bool:
+    """Take an exclusive lock on an open file without waiting; True if taken."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows
+        import msvcrt
+
+        try:
+            msvcrt.locking(handle.fileno(), msvcrt.LK_NBLCK, 1)
+        except OSError:
+            return False
+        return True
+    try:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    return True
 
 
 @contextlib.contextmanager
@@ -62,9 +296,8 @@ def atomic_path(path: PathLike) -> Iterator[Path]:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(
-        prefix=f".{path.name}.", suffix=f".tmp{path.suffix}", dir=path.parent
-    )
+    prefix, suffix = _tmp_prefix(path), f".tmp{path.suffix}"
+    fd, tmp = tempfile.mkstemp(prefix=prefix, suffix=suffix, dir=path.parent)
     os.close(fd)
     tmp_path = Path(tmp)
     try:
@@ -95,11 +328,17 @@ def atomic_dir(path: PathLike) -> Iterator[Path]:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=_tmp_prefix(path), suffix=".tmp", dir=path.parent))
     try:
+        # mkdtemp makes 0700; the folder gets the mode of the one it replaces, else the
+        # mode the user's umask gives a new folder.
+        if path.is_dir():
+            shutil.copymode(path, tmp)
+        else:
+            os.chmod(tmp, 0o777 & ~_umask())
         yield tmp
         if path.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
+            old = Path(tempfile.mkdtemp(prefix=_tmp_prefix(path), suffix=".old", dir=path.parent))
             os.replace(path, old / "previous")
             os.replace(tmp, path)
             shutil.rmtree(old, ignore_errors=True)
@@ -108,6 +347,31 @@ def atomic_dir(path: PathLike) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+@contextlib.contextmanager
+def temporary_dir(near: PathLike) -> Iterator[Path]:
+    """Yield a new hidden folder beside ``near``, named like the temporaries of
+    :func:`atomic_path` (so :func:`remove_stale` of ``near`` finds it when its process
+    is killed), and delete it with whatever is left in it when the block ends.
+
+    Parameters
+    ----------
+    near : str or os.PathLike
+        The file or folder the temporary folder stands in for.
+
+    Yields
+    ------
+    pathlib.Path
+        An empty folder, mode 0700 (private while in use).
+    """
+    near = Path(near)
+    near.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=_tmp_prefix(near), suffix=".tmp", dir=near.parent))
+    try:
+        yield tmp
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def write_json(path: PathLike, obj: Any) -> None:
@@ -144,7 +408,9 @@ def read_image(path: PathLike) -> np.ndarray:
     FileNotFoundError
         If ``path`` does not exist.
     ValueError
-        If the file cannot be decoded as an image.
+        If the file cannot be decoded as an image, or declares more pixels than
+        Pillow's guard against decompression bombs allows (``PIL.Image.MAX_IMAGE_PIXELS``
+        times two, about 179 million).
     """
     path = Path(path)
     if not path.is_file():
@@ -166,6 +432,11 @@ def read_image(path: PathLike) -> np.ndarray:
             elif im.mode in ("CMYK", "YCbCr", "LAB", "HSV"):  # a colour image, as RGB
                 im = im.convert("RGB")
             return np.array(im)
+    except Image.DecompressionBombError as err:
+        raise ValueError(
+            f"{path} declares more pixels than an image may have here ({err}); split it "
+            "into smaller images (tiles) to segment it"
+        ) from None
     except (OSError, SyntaxError, ValueError) as err:
         raise ValueError(f"cannot read {path} as an image: {err}") from err
 

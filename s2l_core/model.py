@@ -490,8 +490,11 @@ def from_config(config: dict[str, Any]) -> nn.Module:
     Raises
     ------
     ValueError
-        If the architecture is unknown or an argument is not accepted.
+        If the configuration is not a dict, the architecture is unknown, an argument is
+        not accepted, or the optional package an architecture needs is missing.
     """
+    if not isinstance(config, dict):
+        raise ValueError(f"a network configuration is a dict, got {type(config).__name__}")
     cfg = dict(config)
     arch = cfg.pop("arch", "unet")
     if arch == "unet":
@@ -505,6 +508,8 @@ def from_config(config: dict[str, Any]) -> nn.Module:
         return builder(**cfg)
     except TypeError as err:
         raise ValueError(f"invalid configuration for {arch!r}: {err}") from err
+    except ImportError as err:  # an optional package: its message says how to install it
+        raise ValueError(str(err)) from None
 
 
 def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:

@@ -16,6 +16,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
@@ -29,19 +30,30 @@ from skimage.segmentation import relabel_sequential, watershed
 from tqdm.auto import tqdm
 
 from s2l_core.augment import normalize_image, select_channel
+from s2l_core.checkpoint import load_checkpoint
 from s2l_core.checks import whole_number
-from s2l_core.files import IMAGE_SUFFIXES, atomic_dir, read_image, write_image, write_json
+from s2l_core.files import (
+    IMAGE_SUFFIXES,
+    atomic_dir,
+    check_writable,
+    read_image,
+    remove_stale,
+    temporary_dir,
+    write_image,
+    write_json,
+)
 from s2l_core.infer import predict_foreground
 from s2l_core.model import from_config
 from s2l_core.runtime import pick_device
-from s2l_core.train import load_checkpoint
 
 __all__ = [
     "AUTO_DIAMETER",
     "MAGNIFY_BELOW",
+    "MANIFEST",
     "MAX_AUTO_SCALE",
     "MIN_AUTO_SCALE",
     "MIN_PEAK",
+    "SCALE_RANGE",
     "SMOOTH",
     "Preset",
     "auto_scale",
@@ -91,7 +103,10 @@ def load_model(
     state = load_checkpoint(checkpoint)
     if not isinstance(device, torch.device):
         device = pick_device(device, verbose=verbose)
-    model = from_config(state["model_config"])
+    try:
+        model = from_config(state["model_config"])
+    except ValueError as err:
+        raise ValueError(f"{checkpoint}: {err}") from None
     try:
         model.load_state_dict(state["model"])
     except RuntimeError as err:
@@ -274,23 +289,14 @@ def foreground_to_instances(
 
 
 #: A suggested ``min_peak`` for :func:`foreground_to_instances` with networks trained on
-#: scribbles: regions whose probability never exceeds 0.99 are dropped. On BBBC038
-#: fluorescence it raised the reference checkpoint's validation AP at ``scale="auto"``
-#: from 0.565 to 0.583 (test: 0.577 to 0.599) and IoU by 0.002; chosen on the validation
-#: split (``benchmarks/results/scale_fluorescence_min_peak.md``). A network trained on
-#: full masks is less confident and loses real nuclei at 0.99 (fluorescence test IoU
-#: 0.876 -> 0.852); 0.9 suits it (``scale_fluorescence_min_peak_baselines.md``).
+#: scribbles: regions whose probability never exceeds 0.99 are dropped. Networks trained
+#: on full masks are less confident and lose real nuclei at 0.99; 0.9 suits them
+#: (``benchmarks/results/prediction/scale_fluorescence_min_peak*.md``).
 MIN_PEAK: float = 0.99
 
 #: A suggested ``smooth`` for :func:`foreground_to_instances` with networks trained on
 #: scribbles: the probability is smoothed by a Gaussian of 0.75 pixels before it is
-#: thresholded. On BBBC038 fluorescence, Scribble2Label with the boundary prior at
-#: ``scale="auto"`` with TTA, ``min_peak`` 0.99 and ``min_size`` 24, it raised validation
-#: IoU from 0.8588 to 0.8595 (test 0.8796 to 0.8809); chosen on the validation split
-#: (``benchmarks/results/scale_fluorescence_smooth.md``). Predictions without TTA are
-#: rougher and gain more, up to 1.5 pixels (the reference checkpoint at ``auto``: test
-#: IoU 0.8660 to 0.8752, ``scale_fluorescence_smooth_baselines.md``); a network trained
-#: on full masks hardly changes (``scale_fluorescence_smooth_full.md``).
+#: thresholded (``benchmarks/results/prediction/scale_fluorescence_smooth*.md``).
 SMOOTH: float = 0.75
 
 #: Nucleus diameter (pixels) that ``scale="auto"`` brings nuclei to, magnifying small
@@ -404,8 +410,13 @@ def auto_scale(
     return 1.0 if abs(np.log(scale)) < np.log(1 + _NEAR_ONE) else scale
 
 
+#: The range of a fixed ``scale``: beyond it an image becomes too large to hold, or too
+#: small to hold any nucleus.
+SCALE_RANGE = (1 / 16, 16.0)
+
+
 def check_scale(scale: float | str) -> float | str:
-    """Check a ``scale`` option: ``"auto"`` or a positive finite number.
+    """Check a ``scale`` option: ``"auto"`` or a number in :data:`SCALE_RANGE`.
 
     Parameters
     ----------
@@ -420,16 +431,22 @@ def check_scale(scale: float | str) -> float | str:
     Raises
     ------
     ValueError
-        If ``scale`` is another string, not a number, or not positive and finite.
+        If ``scale`` is another string, not a number, or outside
+        :data:`SCALE_RANGE` (1/16 to 16).
     """
+    low, high = SCALE_RANGE
+    wanted = f"a number from {low:g} to {high:g} or 'auto'"
     if isinstance(scale, str):
         if scale != "auto":
-            raise ValueError(f"scale must be a positive number or 'auto', got {scale!r}")
+            raise ValueError(f"scale must be {wanted}, got {scale!r}")
         return scale
     if isinstance(scale, bool) or not isinstance(scale, (int, float, np.integer, np.floating)):
-        raise ValueError(f"scale must be a positive number or 'auto', got {scale!r}")
-    if not (np.isfinite(scale) and scale > 0):
-        raise ValueError(f"scale must be a positive number or 'auto', got {scale}")
+        raise ValueError(f"scale must be {wanted}, got {scale!r}")
+    if not (np.isfinite(scale) and low <= scale <= high):
+        raise ValueError(
+            f"scale must be {wanted}, got {scale:g}: it magnifies every image by that "
+            "factor (16 makes a 1000 x 1000 image 16000 x 16000)"
+        )
     return float(scale)
 
 
@@ -766,6 +783,96 @@ def list_images(folder: str | os.PathLike) -> list[Path]:
     return files
 
 
+#: The record ``predict_folder`` writes into its output folder, last.
+MANIFEST = "s2l_predict.json"
+
+
+def _output_plan(
+    files: list[Path], suffix: str | None, save_probability: bool
+) -> list[tuple[Path, str, str | None]]:
+    """``(input, label file name, probability file name or None)`` of every input;
+    refuses names that two inputs would share (compared ignoring case, as some file
+    systems do)."""
+    plan = []
+    for path in files:
+        own = path.suffix.lower()
+        label = path.stem + (suffix or (own if own in (".png", ".tif", ".tiff") else ".tif"))
+        plan.append((path, label, f"{path.stem}_prob.tif" if save_probability else None))
+    seen: dict[str, Path] = {}
+    clashes = []
+    for path, *names in plan:
+        for name in filter(None, names):
+            other = seen.setdefault(name.casefold(), path)
+            if other != path:
+                clashes.append(f"{name} (from {other.name} and {path.name})")
+    if clashes:
+        raise ValueError(
+            f"{len(clashes)} output file names would be written twice: "
+            f"{', '.join(clashes[:5])}{' ...' if len(clashes) > 5 else ''}. Outputs take "
+            "the input's name (with .tif or .png, and _prob.tif for the probability); "
+            "rename the inputs so that their names differ"
+        )
+    return plan
+
+
+def _owned(output_dir: Path) -> set[str]:
+    """Names of the files an earlier ``predict_folder`` run wrote into ``output_dir``
+    (from its record, which counts too); empty if there is no readable record."""
+    try:
+        record = json.loads((output_dir / MANIFEST).read_text(encoding="utf-8"))
+        names = [
+            *record.get("outputs", []),
+            *record.get("probabilities", []),
+            *record.get("written_before", []),
+        ]
+    except (OSError, ValueError, AttributeError, TypeError):
+        return set()
+    return {str(n) for n in names} | {MANIFEST}
+
+
+def _check_output_dir(
+    output_dir: Path, input_dir: Path, names: list[str], overwrite: bool
+) -> set[str]:
+    """Refuse an output folder that would lose anything not written by an earlier run;
+    return the names of its files an earlier run wrote (empty for a new folder)."""
+    if output_dir.exists() and not output_dir.is_dir():
+        raise ValueError(f"the output path {output_dir} is a file, not a folder")
+    if not output_dir.exists():
+        parent = output_dir.parent
+        while not parent.exists() and parent != parent.parent:
+            parent = parent.parent
+        check_writable(parent)  # without creating anything yet
+        return set()
+    if output_dir.resolve() == input_dir.resolve():
+        raise ValueError(
+            f"the output folder is the input folder ({output_dir}): the label images "
+            "would take the names of your images; choose another output folder"
+        )
+    present = {p.name.casefold(): p.name for p in output_dir.iterdir()}
+    visible = [n for n in present.values() if not n.startswith(".")]
+    if visible and not overwrite:
+        raise ValueError(
+            f"the output folder {output_dir} is not empty; choose a new or empty folder, "
+            "or pass --overwrite (overwrite=True) to replace the files an earlier "
+            "s2l predict wrote there"
+        )
+    owned = _owned(output_dir)
+    foreign = [
+        present[n.casefold()]
+        for n in [*names, MANIFEST]
+        if n.casefold() in present and present[n.casefold()] not in owned
+    ]
+    if foreign:
+        listed = ", ".join(foreign[:5]) + (" ..." if len(foreign) > 5 else "")
+        raise ValueError(
+            f"{output_dir} holds {len(foreign)} file(s) of the names this run writes that "
+            f"no earlier s2l predict wrote there: {listed}. --overwrite replaces only "
+            f"files listed in {MANIFEST}; move those files or choose another output folder"
+        )
+    check_writable(output_dir)
+    return owned
+
+
 def predict_folder(
     checkpoint: str | os.PathLike,
     input_dir: str | os.PathLike,
@@ -787,7 +894,7 @@ def predict_folder(
     checkpoint : str or os.PathLike
         A checkpoint of this package.
     input_dir, output_dir : str or os.PathLike
-        Folders. ``output_dir`` must not exist (or be empty) unless ``overwrite``.
+        Folders. ``output_dir`` must be new or empty, unless ``overwrite``.
     mode : {"instance", "semantic"}, optional
         Instance labels (``uint16``) or a 0/1 foreground mask.
     device : str or torch.device, optional
@@ -796,7 +903,10 @@ def predict_folder(
         Output format, ``".tif"`` or ``".png"``; default: the input file's own suffix
         for PNG and TIFF inputs, ``".tif"`` otherwise.
     overwrite : bool, optional
-        Replace an existing output folder.
+        Write into a folder that holds the results of an earlier run, replacing the
+        files that run wrote (those listed in its ``s2l_predict.json``). Other files are
+        never replaced or removed: a name this run would write that belongs to a file
+        the earlier run did not write is an error, before any work.
     save_probability : bool, optional
         Also write ``<name>_prob.tif`` (``float32``).
     progress : bool, optional
@@ -818,8 +928,18 @@ def predict_folder(
     ------
     FileNotFoundError, ValueError
         Missing or incompatible checkpoint, missing or empty input folder, unreadable
-        image (named), an output folder that is not empty, or a bad option (checked
-        before any image is read).
+        image (named), a bad option, two inputs whose outputs would share a name, or an
+        output folder that is the input folder, a file, not empty (without
+        ``overwrite``) or holds files of the output names that no earlier run wrote.
+        Everything but an unreadable image is found before any image is read.
+    OSError
+        An output folder that cannot be written (found before any work) or a full disk.
+
+    Notes
+    -----
+    Nothing is left half-written: a new output folder appears only when every image is
+    done; into an existing folder the results are moved only when every image is done,
+    and ``s2l_predict.json``, written last, records them (``"complete": true``).
     """
     if mode not in ("instance", "semantic"):
         raise ValueError(f"mode must be 'instance' or 'semantic', got {mode!r}")
@@ -828,17 +948,28 @@ def predict_folder(
     if suffix is not None and suffix.lower() not in (".tif", ".tiff", ".png"):
         raise ValueError(f"suffix must be '.tif' or '.png' (or None: as the input), got {suffix!r}")
     files = list_images(input_dir)
+    plan = _output_plan(files, suffix, save_probability)
     output_dir = Path(output_dir)
-    if output_dir.exists() and any(output_dir.iterdir()) and not overwrite:
-        raise ValueError(f"output folder {output_dir} is not empty (pass overwrite=True)")
+    names = [n for _, *pair in plan for n in pair if n]
+    owned = _check_output_dir(output_dir, Path(input_dir), names, overwrite)
     model, state = load_model(checkpoint, device)
     preset = Preset.of_checkpoint(state).but(**settings)
     device = next(model.parameters()).device
     if channel is None:
         channel = (state.get("extra") or {}).get("channel")
-    written = []
-    with atomic_dir(output_dir) as tmp:
-        for path in tqdm(files, desc="predict", disable=not progress):
+    record = {
+        "checkpoint": str(checkpoint),
+        "mode": mode,
+        "channel": channel,
+        "preset": preset.to_dict(),
+        "images": [p.name for p in files],
+        "outputs": [label for _, label, _ in plan],
+        "probabilities": [prob for _, _, prob in plan if prob],
+        "complete": True,
+    }
+
+    def predict_into(folder: Path) -> None:
+        for path, label, prob_name in tqdm(plan, desc="predict", disable=not progress):
             image = read_image(path)
             try:
                 prob, labels = predict_image(
@@ -847,23 +978,26 @@ def predict_folder(
                 )  # fmt: skip
             except ValueError as err:  # an image of an unsupported kind: say which
                 raise ValueError(f"{path}: {err}") from err
-            out_suffix = suffix or (
-                path.suffix.lower() if path.suffix.lower() in (".png", ".tif", ".tiff") else ".tif"
-            )
-            name = path.stem + out_suffix
-            save_labels(tmp / name, labels)
-            if save_probability:
-                write_image(tmp / f"{path.stem}_prob.tif", prob.astype(np.float32))
-            written.append(output_dir / name)
-        write_json(
-            tmp / "s2l_predict.json",
-            {
-                "checkpoint": str(checkpoint),
-                "mode": mode,
-                "channel": channel,
-                "preset": preset.to_dict(),
-                "images": [p.name for p in files],
-                "outputs": [p.name for p in written],
-            },
-        )
-    return written
+            save_labels(folder / label, labels)
+            if prob_name:
+                write_image(folder / prob_name, prob.astype(np.float32))
+
+    if not output_dir.exists():
+        remove_stale(output_dir)
+        with atomic_dir(output_dir) as tmp:
+            predict_into(tmp)
+            write_json(tmp / MANIFEST, record)
+    else:
+        remove_stale(output_dir / MANIFEST)
+        with temporary_dir(output_dir / MANIFEST) as tmp:
+            predict_into(tmp)
+            new = set(names)
+            before = sorted(n for n in owned - new - {MANIFEST} if (output_dir / n).exists())
+            record["written_before"] = before
+            # Recorded before the moves, so that an interrupted move leaves a record
+            # that owns every file and does not look finished.
+            write_json(output_dir / MANIFEST, dict(record, complete=False))
+            for name in names:
+                os.replace(tmp / name, output_dir / name)
+            write_json(output_dir / MANIFEST, record)
+    return [output_dir / label for _, label, _ in plan]

@@ -5,6 +5,9 @@ from __future__ import annotations
 import functools
 import os
 import random
+import signal
+import threading
+import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from typing import TypeVar
@@ -138,11 +141,52 @@ def parallel_map(
     -------
     list
         ``[func(item) for item in items]``.
+
+    Notes
+    -----
+    Workers ignore Ctrl-C (the caller gets ``KeyboardInterrupt`` and the workers are
+    stopped) and end themselves within a second of their parent being killed.
     """
     workers = workers if workers is not None else min(os.cpu_count() or 1, 8)
     if workers <= 1 or len(items) <= 1:
         return [func(item) for item in tqdm(items, desc=desc, disable=not progress)]
-    with ProcessPoolExecutor(max_workers=workers) as pool:
+    pool = ProcessPoolExecutor(
+        max_workers=workers, initializer=_worker_start, initargs=(os.getpid(),)
+    )
+    try:
         chunks = max(1, len(items) // (workers * 8))
         mapped = pool.map(func, items, chunksize=chunks)
-        return list(tqdm(mapped, total=len(items), desc=desc, disable=not progress))
+        result = list(tqdm(mapped, total=len(items), desc=desc, disable=not progress))
+    except BaseException:
+        # An error or Ctrl-C: stop the workers now rather than after the queued items.
+        for process in list((getattr(pool, "_processes", None) or {}).values()):
+            process.terminate()
+        pool.shutdown(wait=True, cancel_futures=True)
+        raise
+    pool.shutdown()
+    return result
+
+
+def _worker_start(parent: int) -> None:
+    """Start of a :func:`parallel_map` worker: Ctrl-C is the parent's to handle, and the
+    worker ends itself when the process that started it is gone (killed outright), instead
+    of running on, orphaned."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    started_by = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == started_by and _running(parent):
+            time.sleep(0.25)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="s2l-parent-watch", daemon=True).start()
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True
+    return True

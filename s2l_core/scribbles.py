@@ -23,6 +23,7 @@ crashed).
 from __future__ import annotations
 
 import os
+import sys
 import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -35,7 +36,7 @@ from skimage.feature import corner_harris, corner_peaks
 from skimage.morphology import skeletonize
 
 from s2l_core.data import PreparedDataset
-from s2l_core.files import atomic_dir, read_image, write_image
+from s2l_core.files import atomic_dir, lock_of, locked, read_image, remove_stale, write_image
 from s2l_core.runtime import parallel_map
 
 __all__ = [
@@ -405,6 +406,18 @@ class ScribbleSet:
         """The ``(H, W)`` ``uint8`` scribble image of ``image_id`` at ``ratio``."""
         return read_scribble(self.path(image_id, ratio))
 
+    def missing_files(self) -> list[Path]:
+        """Scribble files that ``summary.csv`` lists but the folder lacks, and images of
+        the dataset that the summary leaves out (empty when the set is complete)."""
+        missing = []
+        for ratio, rows in self.summary.groupby("ratio"):
+            folder = self.root / _ratio_dir(float(ratio))
+            present = {p.name for p in folder.iterdir()} if folder.is_dir() else set()
+            missing += [folder / f"{i}.png" for i in rows["image_id"] if f"{i}.png" not in present]
+        unlisted = set(self.dataset.manifest.index) - set(self.summary["image_id"])
+        folder = self.root / _ratio_dir(self.ratios[0]) if self.ratios else self.root
+        return missing + [folder / f"{i}.png" for i in sorted(unlisted)]
+
 
 def _scribble_one(args: tuple[Path, str, tuple[float, ...], int, Path]) -> list[dict]:
     labels_path, image_id, ratios, seed, out = args
@@ -449,18 +462,39 @@ def prepare_scribbles(
     Returns
     -------
     ScribbleSet
+
+    Notes
+    -----
+    Processes that synthesize scribbles of one dataset take turns (the dataset's lock,
+    :func:`s2l_core.files.lock_of`). An earlier set is reused only if every file its
+    summary lists is present and it covers every image of the dataset.
     """
     wanted = {_check_ratio(r) for r in ratios}
-    root = dataset.root / "scribbles" / f"seed{int(seed)}"
+    with locked(lock_of(dataset.root), f"the dataset {dataset.root}"):
+        return _prepare_locked(dataset, wanted, int(seed), workers, progress, force)
+
+
+def _prepare_locked(
+    dataset: PreparedDataset, wanted: set[float], seed: int, workers, progress, force
+) -> ScribbleSet:
+    root = dataset.root / "scribbles" / f"seed{seed}"
     if not force and (root / "summary.csv").is_file():
         existing = ScribbleSet(dataset, seed)
-        if all(any(np.isclose(r, e) for e in existing.ratios) for r in wanted):
+        missing = existing.missing_files()
+        if not missing and all(any(np.isclose(r, e) for e in existing.ratios) for r in wanted):
             return existing
+        if missing:
+            print(
+                f"{root} lacks {len(missing)} scribble files (e.g. "
+                f"{missing[0].parent.name}/{missing[0].name}); synthesizing them again",
+                file=sys.stderr,
+            )
         wanted |= set(existing.ratios)
+    remove_stale(root, held=True)
     ordered = tuple(sorted(wanted))
     ids = list(dataset.manifest["image_id"])
     with atomic_dir(root) as tmp:
-        jobs = [(dataset.labels_path(i), i, ordered, int(seed), tmp) for i in ids]
+        jobs = [(dataset.labels_path(i), i, ordered, seed, tmp) for i in ids]
         rows = parallel_map(_scribble_one, jobs, workers, "scribbles", progress)
         table = pd.DataFrame([row for chunk in rows for row in chunk])
         table.to_csv(tmp / "summary.csv", index=False)

@@ -20,10 +20,10 @@ the full masks into "scribbles" that cover every pixel (full supervision).
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import random
+import sys
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
@@ -36,8 +36,15 @@ import torch
 from tqdm.auto import tqdm
 
 from s2l_core.augment import AugmentConfig, normalize_image, random_crops, select_channel
+from s2l_core.checkpoint import (
+    CHECKPOINT_FORMAT,
+    PRECISIONS,
+    compress_weights,
+    load_checkpoint,
+    write_model_checkpoint,
+)
 from s2l_core.checks import whole_number
-from s2l_core.files import atomic_path
+from s2l_core.files import atomic_path, remove_stale
 from s2l_core.infer import autocast_context, predict_foreground
 from s2l_core.losses import (
     affinity_loss,
@@ -66,7 +73,6 @@ __all__ = [
     "load_samples",
 ]
 
-CHECKPOINT_FORMAT = 1
 SELECTIONS = ("last", "val_scribble", "val_iou_full_masks")
 
 
@@ -188,7 +194,8 @@ def load_folder_samples(
         Images of any supported kind (PNG, TIFF, JPEG; grey, RGB, RGBA; 8/16-bit).
     scribbles_dir : str or os.PathLike
         One scribble image per annotated image, named ``<image stem>.png`` (or
-        ``.tif``). Images without a scribble file are skipped.
+        ``.tif``). Images without a scribble file, and scribble files that mark no
+        pixel, are skipped and listed on stderr.
     scribble_format : {"s2l", "napari"}, optional
         ``"s2l"``: 0 background, 1 foreground, 250 unlabelled; ``"napari"``: napari or
         ilastik labels, 0 unlabelled, 1 background, 2 foreground.
@@ -215,30 +222,62 @@ def load_folder_samples(
     for folder in (images_dir, scribbles_dir):
         if not folder.is_dir():
             raise FileNotFoundError(f"folder not found: {folder}")
-    samples = []
+    samples, unscribbled, blank = [], [], []
     for path in sorted(images_dir.iterdir()):
         if path.suffix.lower() not in IMAGE_SUFFIXES or path.name.startswith("."):
             continue
         candidates = [scribbles_dir / f"{path.stem}{s}" for s in (".png", ".tif", ".tiff")]
         found = [c for c in candidates if c.is_file()]
         if not found:
+            unscribbled.append(path.name)
             continue
         image = read_image(path)
         raw = read_image(found[0])
         try:
             # from_arrays checks the image's kind before the scribbles' shape.
             scribble = from_napari(raw) if scribble_format == "napari" else raw
-            samples.append(
-                TrainSample.from_arrays(path.stem, select_channel(image, channel), scribble)
-            )
+            sample = TrainSample.from_arrays(path.stem, select_channel(image, channel), scribble)
         except ValueError as err:  # the image's kind or the scribbles: name both files
             raise ValueError(f"{path} (scribbles {found[0].name}): {err}") from err
+        if (sample.scribble == UNLABELLED).all():
+            blank.append(found[0].name)
+        else:
+            samples.append(sample)
+    for names, why in (
+        (unscribbled, f"have no scribble file in {scribbles_dir}"),
+        (blank, "are scribble files that mark no pixel"),
+    ):
+        if names and samples:
+            shown = ", ".join(names[:10]) + (" ..." if len(names) > 10 else "")
+            print(f"skipped {len(names)} image(s) that {why}: {shown}", file=sys.stderr)
+    if not samples and blank:
+        raise ValueError(
+            f"every scribble file in {scribbles_dir} leaves all pixels unlabelled "
+            f"({', '.join(blank[:5])}); draw strokes on some nuclei and on the background"
+        )
     if not samples:
         raise ValueError(
             f"no image in {images_dir} has a scribble file (same name, .png/.tif) in "
             f"{scribbles_dir}"
         )
     return samples
+
+
+def _check_scribbled(samples: Sequence[TrainSample]) -> None:
+    """Refuse training samples whose scribbles cannot teach anything: the loss on
+    scribbles needs foreground and background pixels somewhere in the set."""
+    fg = sum(int(np.count_nonzero(s.scribble == FOREGROUND)) for s in samples)
+    bg = sum(int(np.count_nonzero(s.scribble == BACKGROUND)) for s in samples)
+    if fg and bg:
+        return
+    missing = " and ".join(
+        name for name, n in (("foreground (1)", fg), ("background (0)", bg)) if not n
+    )
+    raise ValueError(
+        f"the scribbles of the {len(samples)} training image(s) mark no {missing} pixel, "
+        "so the network cannot learn to tell nuclei from background; draw strokes on "
+        "some nuclei and on the background around them"
+    )
 
 
 @dataclass
@@ -476,6 +515,7 @@ class Trainer:
                     f"sample {s.image_id}: image {s.image.shape} and scribble "
                     f"{s.scribble.shape} do not fit"
                 )
+        _check_scribbled(train)
         self.train_samples = list(train)
         self.val_samples = list(val or [])
         self.config = config
@@ -788,8 +828,10 @@ class Trainer:
         }
 
     def save(self, path: str | os.PathLike) -> Path:
-        """Write the training state to ``path`` atomically."""
+        """Write the training state to ``path`` atomically (removing the temporaries of
+        killed runs that wrote there)."""
         path = Path(path)
+        remove_stale(path)
         with atomic_path(path) as tmp:
             torch.save(self.state_dict(), tmp)
         return path
@@ -863,148 +905,23 @@ class Trainer:
         extra: dict | None = None,
         precision: str = "float32",
     ) -> Path:
-        """Write an inference checkpoint (selected weights, model and training config).
-
-        Parameters
-        ----------
-        path : str or os.PathLike
-            Where to write it (atomically).
-        extra : dict, optional
-            Metadata kept under ``"extra"``: plain values (str, numbers, bools, None,
-            lists and dicts of them; NumPy scalars are converted), so that the file loads
-            with ``weights_only=True``.
-        precision : {"float32", "float16", "int8"}, optional
-            How the weights are stored. ``"float16"`` halves the file; ``"int8"`` quarters
-            it, with one scale per output channel of every weight matrix or convolution
-            kernel (other tensors in float16). :func:`load_checkpoint` turns them back into
-            ``float32``, so every reader of checkpoints accepts all three.
+        """Write an inference checkpoint of the selected weights (:meth:`best_state`),
+        with the network's and the training configuration, by
+        :func:`s2l_core.checkpoint.write_model_checkpoint` (which says what ``extra`` may
+        hold and how ``precision`` stores the weights).
 
         Returns
         -------
         pathlib.Path
             ``path``.
         """
-        extra = _plain_metadata(extra or {})
         weights, epoch, how = self.best_state()
-        model, scales = compress_weights(
-            {k: v.detach().cpu() for k, v in weights.items()}, precision
+        return write_model_checkpoint(
+            path,
+            model_config=self.model.to_config(),
+            weights=weights,
+            config=self.config.to_dict(),
+            selected={"epoch": epoch, "how": how},
+            extra=extra,
+            precision=precision,
         )
-        state = {
-            "format": CHECKPOINT_FORMAT,
-            "kind": "model",
-            "model_config": self.model.to_config(),
-            "model": model,
-            "precision": precision,
-            "config": self.config.to_dict(),
-            "selected": {"epoch": epoch, "how": how},
-            "extra": extra,
-        }
-        if scales:
-            state["scales"] = scales
-        path = Path(path)
-        with atomic_path(path) as tmp:
-            torch.save(state, tmp)
-        return path
-
-
-PRECISIONS = ("float32", "float16", "int8")
-
-
-def _plain_metadata(extra: dict) -> dict:
-    """``extra`` with NumPy scalars made Python ones; an error for anything not plain."""
-
-    def plain(value):
-        if isinstance(value, np.generic):
-            return value.item()
-        raise TypeError(
-            f"checkpoint metadata must hold plain values (str, numbers, lists, dicts), "
-            f"got {type(value).__name__}: {value!r}"
-        )
-
-    if not isinstance(extra, dict):
-        raise TypeError(f"extra must be a dict, got {type(extra).__name__}")
-    return json.loads(json.dumps(extra, default=plain))
-
-
-def compress_weights(
-    weights: dict[str, torch.Tensor], precision: str
-) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """Store a state dict's floating-point tensors in a smaller type.
-
-    Parameters
-    ----------
-    weights : dict of str to torch.Tensor
-        A model's ``state_dict`` (on the CPU).
-    precision : {"float32", "float16", "int8"}
-        ``"int8"``: every floating tensor of two or more dimensions (weight matrices and
-        convolution kernels) becomes ``int8`` with a symmetric ``float32`` scale per
-        output channel; the others (biases, norm statistics) become ``float16``.
-
-    Returns
-    -------
-    weights : dict of str to torch.Tensor
-        The stored tensors; integer tensors (counters) are unchanged.
-    scales : dict of str to torch.Tensor
-        ``(C_out,)`` ``float32`` scale of every ``int8`` tensor (empty unless ``"int8"``).
-    """
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
-    out, scales = {}, {}
-    for name, tensor in weights.items():
-        if not tensor.is_floating_point() or precision == "float32":
-            out[name] = tensor
-        elif precision == "int8" and tensor.ndim >= 2:
-            flat = tensor.float().reshape(tensor.shape[0], -1)
-            scale = flat.abs().amax(dim=1).clamp_min(1e-12) / 127.0
-            q = torch.round(flat / scale[:, None]).clamp_(-127, 127).to(torch.int8)
-            out[name], scales[name] = q.reshape(tensor.shape), scale
-        else:
-            out[name] = tensor.half()
-    return out, scales
-
-
-def _expand_weights(state: dict) -> None:
-    """Undo :func:`compress_weights` in a loaded checkpoint: every float tensor to float32."""
-    scales = state.pop("scales", {})
-    model = state.get("model")
-    if not isinstance(model, dict):
-        return
-    for name, tensor in model.items():
-        if name in scales:
-            scale = scales[name].float().reshape(-1, *([1] * (tensor.ndim - 1)))
-            model[name] = tensor.float() * scale
-        elif tensor.is_floating_point() and tensor.dtype != torch.float32:
-            model[name] = tensor.float()
-
-
-def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict:
-    """Load a checkpoint safely (``weights_only=True``) and check its format.
-
-    Raises
-    ------
-    FileNotFoundError
-        If ``path`` does not exist.
-    ValueError
-        If the file is not a checkpoint of this package or of an incompatible format.
-
-    Notes
-    -----
-    Weights stored in ``float16`` or ``int8`` (see :meth:`Trainer.export`) are returned
-    as ``float32``.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
-    try:
-        state = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as err:
-        raise ValueError(f"{path} is not a readable checkpoint: {err}") from err
-    if not isinstance(state, dict) or "format" not in state or "model_config" not in state:
-        raise ValueError(f"{path} is not a Scribble2Label checkpoint of this package")
-    if state["format"] != CHECKPOINT_FORMAT:
-        raise ValueError(
-            f"{path} has checkpoint format {state['format']}; this version reads format "
-            f"{CHECKPOINT_FORMAT}"
-        )
-    _expand_weights(state)
-    return state

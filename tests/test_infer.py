@@ -73,8 +73,9 @@ def test_check_scale_takes_auto_and_positive_numbers():
     assert check_scale("auto") == "auto"
     assert check_scale(2) == 2.0 and isinstance(check_scale(2), float)
     assert check_scale(np.float32(0.5)) == 0.5
-    for bad in (0, -1.0, float("nan"), float("inf"), True, "2", "Auto", None):
-        with pytest.raises(ValueError, match="scale must be a positive number or 'auto'"):
+    assert check_scale(16) == 16.0 and check_scale(1 / 16) == 0.0625
+    for bad in (0, -1.0, float("nan"), float("inf"), True, "2", "Auto", None, 1e9, 16.5, 0.06):
+        with pytest.raises(ValueError, match=r"scale must be a number from 0\.0625 to 16 or"):
             check_scale(bad)
 
 
@@ -355,7 +356,7 @@ def test_preset_defaults_checks_and_checkpoint_round_trip():
         ({"min_size": -1}, "min_size must be a whole number"),
         ({"min_peak": 1.5}, "min_peak must be a probability"),
         ({"smooth": float("nan")}, "smooth must be a finite number"),
-        ({"scale": "big"}, "scale must be a positive number or 'auto'"),
+        ({"scale": "big"}, "scale must be a number from 0.0625 to 16 or 'auto'"),
         ({"diameter": 0}, "diameter must be a positive finite number"),
         ({"tta": "yes"}, "tta must be True or False"),
     ]:

@@ -140,8 +140,8 @@ def test_export_labels_applies_min_peak_min_size_and_smooth(
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"scale": "big"}, "scale must be a positive number or 'auto', got 'big'"),
-        ({"scale": 0}, "scale must be a positive number or 'auto', got 0"),
+        ({"scale": "big"}, "scale must be a number from 0.0625 to 16 or 'auto', got 'big'"),
+        ({"scale": 0}, "scale must be a number from 0.0625 to 16 or 'auto', got 0"),
         ({"min_peak": 1.5}, r"min_peak must be a probability in \[0, 1\] or None, got 1.5"),
         ({"smooth": -1.0}, "smooth must be a finite number of pixels >= 0, got -1.0"),
     ],

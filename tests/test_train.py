@@ -515,7 +515,9 @@ def test_predict_folder_errors_leave_no_partial_output(tiny_checkpoint, tmp_path
         predict_folder(tiny_checkpoint, src, tmp_path / "out3", progress=False, device="cpu")
     assert not (tmp_path / "out3").exists()
     # A bad scale is refused before any image is read, and no image is blamed for it.
-    with pytest.raises(ValueError, match=r"^scale must be a positive number or 'auto', got 'x2'"):
+    with pytest.raises(
+        ValueError, match=r"^scale must be a number from 0.0625 to 16 or 'auto', got 'x2'"
+    ):
         predict_folder(tiny_checkpoint, src, tmp_path / "out4", progress=False, scale="x2")
     assert not (tmp_path / "out4").exists()
     with pytest.raises(ValueError, match=r"^min_peak must be a probability in \[0, 1\] or None"):
