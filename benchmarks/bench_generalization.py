@@ -169,13 +169,16 @@ def shift_image(image: np.ndarray, labels: np.ndarray, kind: str, amount: float,
 
 def probabilities(model, image: np.ndarray, device, needed) -> tuple[dict, dict]:
     """The probabilities named in ``needed`` (see :func:`presets`), and the scales used."""
-    from s2l_core.infer import predict_foreground
+    from functools import partial
+
+    from s2l_core.infer import predict_dihedral, predict_foreground, predict_tiled
     from s2l_core.predict import auto_scale, predict_probability
 
     p1 = predict_foreground(model, image, device=device)
+    one_pass = partial(predict_tiled, model, device=device)
     probs, scales = {"scale1": p1}, {}
     if "scale1_tta" in needed:
-        probs["scale1_tta"] = predict_foreground(model, image, device=device, tta=True, identity=p1)
+        probs["scale1_tta"] = predict_dihedral(one_pass, image, identity=p1)
     if "up" in needed:
         up = scales["up"] = auto_scale(p1, diameter=40.0, min_scale=1.0, magnify_below=40.0)
         probs["up"] = p1 if up == 1 else predict_foreground(model, image, device=device, scale=up)
@@ -183,10 +186,11 @@ def probabilities(model, image: np.ndarray, device, needed) -> tuple[dict, dict]
         probs["auto"], auto = predict_probability(model, image, scale="auto", device=device)
         scales["auto"] = auto
         if "auto_tta" in needed:
-            probs["auto_tta"] = predict_foreground(
-                model, image, device=device, scale=auto, tta=True,
-                identity=probs["scale1"] if auto == 1.0 else None,
-            )  # fmt: skip
+            probs["auto_tta"] = (
+                predict_dihedral(one_pass, image, identity=p1)
+                if auto == 1.0
+                else predict_foreground(model, image, device=device, scale=auto, tta=True)
+            )
     return probs, scales
 
 
@@ -238,7 +242,8 @@ def run_job(job: dict) -> str:
 
     from s2l_core.files import atomic_path, write_json
     from s2l_core.predict import load_model
-    from s2l_core.train import Trainer, load_samples
+    from s2l_core.samples import load_samples
+    from s2l_core.train import Trainer
 
     name = job_name(job)
     out = Path(job["work"]) / "jobs"

@@ -103,7 +103,9 @@ def time_inference(size: tuple[int, int], repeats: int) -> dict:
 def time_loop(source: str, cache_dir: str | None, epochs: int) -> dict:
     """A few epochs of the ``full`` profile on the real fluorescence training split."""
     from s2l_core import data, scribbles
-    from s2l_core.train import TrainConfig, Trainer, load_samples
+    from s2l_core.config import TrainConfig
+    from s2l_core.samples import load_samples
+    from s2l_core.train import Trainer
 
     dataset = data.prepare_dataset(source, cache_dir, progress=False)
     scribble_set = scribbles.prepare_scribbles(dataset, [0.3], progress=False)

@@ -36,9 +36,11 @@ import torch
 
 from s2l_core import data, scribbles
 from s2l_core.baselines import RandomForestSegmenter
+from s2l_core.config import TrainConfig
 from s2l_core.evaluate import SCORES, score_images
 from s2l_core.files import atomic_path, write_json
-from s2l_core.train import TrainConfig, Trainer, load_samples
+from s2l_core.samples import load_samples
+from s2l_core.train import Trainer
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_MIRROR = HERE.parent.parent / "shared" / "data" / "bbbc038" / "stage1_train.zip"

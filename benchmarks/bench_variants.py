@@ -1,7 +1,7 @@
 """Benchmark: train variants of a training profile side by side and score each one.
 
 Each variant is a method (``s2l``, ``pce`` or ``full``), a profile and overrides of its
-:class:`s2l_core.train.TrainConfig` (``model`` and ``augment`` are merged into the
+:class:`s2l_core.config.TrainConfig` (``model`` and ``augment`` are merged into the
 profile's own). Every variant trains on one modality's training split with scribbles at
 one ratio, in its own process, and is scored on the validation and the test split
 (foreground IoU, DSB average precision, F1, AJI; watershed instances), overall and per
@@ -69,7 +69,7 @@ def make_config(variant: dict, seed: int):
     from dataclasses import replace
 
     from s2l_core.augment import AugmentConfig
-    from s2l_core.train import TrainConfig
+    from s2l_core.config import TrainConfig
 
     base = TrainConfig.profile(variant["profile"], seed=seed)
     overrides = dict(variant["overrides"])
@@ -105,7 +105,8 @@ def run_variant(job: dict) -> dict:
     torch.set_num_threads(job["threads"])
     from s2l_core import data, scribbles
     from s2l_core.evaluate import dataset_images, score_images
-    from s2l_core.train import Trainer, load_samples
+    from s2l_core.samples import load_samples
+    from s2l_core.train import Trainer
 
     variant = job["variant"]
     dataset = data.prepare_dataset(job["source"], job["cache_dir"], progress=False)

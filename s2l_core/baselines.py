@@ -16,7 +16,7 @@ from skimage.future import fit_segmenter
 from sklearn.ensemble import RandomForestClassifier
 
 from s2l_core.checks import whole_number
-from s2l_core.scribbles import BACKGROUND, FOREGROUND, validate_scribble
+from s2l_core.encoding import BACKGROUND, FOREGROUND, validate_scribble
 
 __all__ = ["RandomForestSegmenter"]
 

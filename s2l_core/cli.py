@@ -71,7 +71,9 @@ def _check_out(out: Path, state_path: Path, resume: bool) -> None:
 
 
 def _train(args: argparse.Namespace) -> int:
+    from s2l_core import samples as training_samples
     from s2l_core import train
+    from s2l_core.config import TrainConfig
 
     overrides = {}
     for name in (
@@ -85,14 +87,14 @@ def _train(args: argparse.Namespace) -> int:
         overrides["use_pseudo"] = False
     if args.cpu_bf16:
         overrides["cpu_bf16"] = True
-    config = train.TrainConfig.profile(args.profile, **overrides)
+    config = TrainConfig.profile(args.profile, **overrides)
     out = Path(args.out)
     state_path = out.with_name(out.stem + ".state.pt")
     _check_out(out, state_path, args.resume)
     if args.images:
         if not args.scribbles:
             raise ValueError("--images needs --scribbles (a folder of scribble images)")
-        samples = train.load_folder_samples(
+        samples = training_samples.load_folder_samples(
             args.images, args.scribbles, scribble_format=args.scribble_format,
             channel=args.channel,
         )  # fmt: skip
@@ -105,11 +107,11 @@ def _train(args: argparse.Namespace) -> int:
             dataset, [args.ratio], seed=args.scribble_seed, progress=not args.quiet
         )
         full = args.baseline == "full"
-        samples = train.load_samples(
+        samples = training_samples.load_samples(
             dataset, dataset.ids(args.modality, "train"), scribble_set, args.ratio,
             full_masks=full,
         )  # fmt: skip
-        val = train.load_samples(
+        val = training_samples.load_samples(
             dataset, dataset.ids(args.modality, "val"), scribble_set, args.ratio
         )
     if args.resume and state_path.is_file():

@@ -67,7 +67,7 @@ def score_images(
         or a random forest's ``predict_proba``).
     images : iterable of (str, numpy.ndarray, numpy.ndarray)
         ``(image_id, image, truth)`` triples, e.g. from :func:`dataset_images` or made
-        from :class:`s2l_core.train.TrainSample` objects.
+        from :class:`s2l_core.samples.TrainSample` objects.
     instances : sequence of {"watershed", "components"}, optional
         How to split the foreground into nuclei; one row per image and method.
     threshold : float, optional

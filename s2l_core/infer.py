@@ -1,17 +1,32 @@
 """Whole-image inference: any size, padded (never cropped), tiled when large.
 
-Used by the training loop (EMA pass, validation) and by :mod:`s2l_core.predict`.
+Three pieces that compose: :func:`predict_tiled` (one pass of the network over an image
+of any size), :func:`predict_dihedral` (test-time augmentation over any predictor) and
+:func:`predict_rescaled` (any predictor on a resampled image); :func:`predict_foreground`
+puts them together. Used by the training loop (EMA pass, validation) and by
+:mod:`s2l_core.predict`.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
+from collections.abc import Callable
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-__all__ = ["DIHEDRAL", "autocast_context", "dihedral", "predict_foreground", "undo_dihedral"]
+__all__ = [
+    "DIHEDRAL",
+    "autocast_context",
+    "dihedral",
+    "predict_dihedral",
+    "predict_foreground",
+    "predict_rescaled",
+    "predict_tiled",
+    "undo_dihedral",
+]
 
 #: The eight symmetries of the square, as ``(quarter turns, mirrored)``: what
 #: ``predict_foreground(tta=True)`` averages over.
@@ -80,7 +95,7 @@ def _check_tile(tile: int, overlap: int) -> None:
 
 
 @torch.no_grad()
-def predict_foreground(
+def predict_tiled(
     model: torch.nn.Module,
     image: np.ndarray,
     *,
@@ -89,21 +104,13 @@ def predict_foreground(
     overlap: int = 64,
     amp: bool = True,
     channels_last: bool = True,
-    scale: float = 1.0,
     cpu_bf16: bool = False,
-    tta: bool = False,
-    identity: np.ndarray | None = None,
 ) -> np.ndarray:
-    """Foreground probability of a whole normalised image.
+    """Foreground probability of a normalised image, as it is: one pass of the network.
 
     The image is padded by reflection to the network's size multiple and the padding is
     cut off again, so border pixels are predicted like any other. Images larger than
-    ``tile`` on a side are cut into overlapping tiles whose centres are kept. With
-    ``scale`` other than 1 the image is resampled first (bilinear; antialiased when
-    shrunk) and the probability is resampled back, so the result always has the
-    image's own size. With ``tta`` (test-time augmentation) the probability is the mean
-    over the eight turns and mirror images of the image (:data:`DIHEDRAL`), each turned
-    back: eight times the work, and a smoother, more symmetric prediction.
+    ``tile`` on a side are cut into overlapping tiles whose centres are kept.
 
     Parameters
     ----------
@@ -121,18 +128,9 @@ def predict_foreground(
         Mixed precision on CUDA.
     channels_last : bool, optional
         Channels-last memory format.
-    scale : float, optional
-        Resampling factor: the network sees the image ``scale`` times larger (nuclei
-        ``scale`` times wider). See :func:`s2l_core.predict.auto_scale`.
     cpu_bf16 : bool, optional
         bfloat16 autocast on the CPU (worth it only where
         :func:`s2l_core.runtime.cpu_bf16_native`).
-    tta : bool, optional
-        Average over the eight symmetries of the square.
-    identity : numpy.ndarray, optional
-        With ``tta`` at scale 1 only: the plain prediction of ``image`` with the same
-        options, already made (e.g. to measure the nuclei); it serves as the first view
-        instead of being predicted again.
 
     Returns
     -------
@@ -142,44 +140,9 @@ def predict_foreground(
     Raises
     ------
     ValueError
-        If ``scale`` is not a positive finite number, or shrinks the image below one
-        pixel; if ``tile`` and ``overlap`` are not whole numbers with
-        ``tile > 2 * overlap >= 0``; or ``identity`` is given without ``tta``, at a scale
-        other than 1, or with a shape other than the image's.
+        If ``tile`` and ``overlap`` are not whole numbers with ``tile > 2 * overlap >= 0``.
     """
     _check_tile(tile, overlap)
-    scale = _check_scale(scale, image.shape[-2:])
-    if identity is not None:
-        if not tta or scale != 1.0:
-            raise ValueError("identity is the plain view of tta at scale 1; it needs both")
-        if identity.shape != image.shape[-2:]:
-            raise ValueError(
-                f"identity has shape {identity.shape}, the image {tuple(image.shape[-2:])}"
-            )
-    options = dict(
-        device=device, tile=tile, overlap=overlap, amp=amp, channels_last=channels_last,
-        cpu_bf16=cpu_bf16,
-    )  # fmt: skip
-    if scale != 1.0:  # resampled once; the views of ``tta`` are taken of the result
-        h, w = image.shape[-2:]
-        x = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))[None]
-        size = (max(1, round(h * scale)), max(1, round(w * scale)))
-        x = F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=scale < 1)
-        prob = predict_foreground(model, x[0].numpy(), tta=tta, **options)
-        back = F.interpolate(
-            torch.from_numpy(prob)[None, None], size=(h, w), mode="bilinear",
-            align_corners=False, antialias=scale > 1,
-        )  # fmt: skip
-        return back[0, 0].clamp_(0.0, 1.0).numpy()  # resampling may step past 1 by a rounding
-    if tta:
-        total = np.zeros(image.shape[-2:], dtype=np.float64)
-        for turns, mirrored in DIHEDRAL:
-            if identity is not None and (turns, mirrored) == (0, False):
-                prob = identity
-            else:
-                prob = predict_foreground(model, dihedral(image, turns, mirrored), **options)
-            total += undo_dihedral(prob, turns, mirrored)
-        return (total / len(DIHEDRAL)).astype(np.float32)
     device = torch.device(device)
     multiple = int(getattr(model, "size_multiple", 32))
     was_training = model.training
@@ -205,3 +168,137 @@ def predict_foreground(
             return out.numpy()
     finally:
         model.train(was_training)
+
+
+def predict_dihedral(
+    predict: Callable[[np.ndarray], np.ndarray],
+    image: np.ndarray,
+    *,
+    identity: np.ndarray | None = None,
+) -> np.ndarray:
+    """Test-time augmentation: the mean of ``predict`` over the eight turns and mirror
+    images of ``image`` (:data:`DIHEDRAL`), each turned back.
+
+    Parameters
+    ----------
+    predict : callable
+        ``(3, H, W)`` image to ``(H, W)`` probability, e.g. :func:`predict_tiled` with
+        its model and options bound.
+    image : numpy.ndarray
+        ``(3, H, W)`` normalised image.
+    identity : numpy.ndarray, optional
+        ``predict(image)``, already made (e.g. to measure the nuclei): it serves as the
+        first view instead of being predicted again.
+
+    Returns
+    -------
+    numpy.ndarray
+        ``(H, W)`` ``float32``.
+
+    Raises
+    ------
+    ValueError
+        If ``identity`` has a shape other than the image's.
+    """
+    if identity is not None and identity.shape != image.shape[-2:]:
+        raise ValueError(f"identity has shape {identity.shape}, the image {image.shape[-2:]}")
+    total = np.zeros(image.shape[-2:], dtype=np.float64)
+    for turns, mirrored in DIHEDRAL:
+        if identity is not None and (turns, mirrored) == (0, False):
+            prob = identity
+        else:
+            prob = predict(dihedral(image, turns, mirrored))
+        total += undo_dihedral(prob, turns, mirrored)
+    return (total / len(DIHEDRAL)).astype(np.float32)
+
+
+def predict_rescaled(
+    predict: Callable[[np.ndarray], np.ndarray], image: np.ndarray, scale: float
+) -> np.ndarray:
+    """``predict`` of ``image`` magnified by ``scale`` (bilinear; antialiased when
+    shrunk), resampled back to the image's own size.
+
+    Parameters
+    ----------
+    predict : callable
+        ``(3, H, W)`` image to ``(H, W)`` probability.
+    image : numpy.ndarray
+        ``(3, H, W)`` normalised image.
+    scale : float
+        The magnification: the network sees nuclei ``scale`` times wider.
+
+    Returns
+    -------
+    numpy.ndarray
+        ``(H, W)`` ``float32`` in [0, 1].
+
+    Raises
+    ------
+    ValueError
+        If ``scale`` is not a positive finite number, or shrinks the image below a pixel.
+    """
+    scale = _check_scale(scale, image.shape[-2:])
+    if scale == 1.0:
+        return predict(image)
+    h, w = image.shape[-2:]
+    x = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))[None]
+    size = (max(1, round(h * scale)), max(1, round(w * scale)))
+    x = F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=scale < 1)
+    prob = predict(x[0].numpy())
+    back = F.interpolate(
+        torch.from_numpy(prob)[None, None], size=(h, w), mode="bilinear",
+        align_corners=False, antialias=scale > 1,
+    )  # fmt: skip
+    return back[0, 0].clamp_(0.0, 1.0).numpy()  # resampling may step past 1 by a rounding
+
+
+def predict_foreground(
+    model: torch.nn.Module,
+    image: np.ndarray,
+    *,
+    device: torch.device | str = "cpu",
+    tile: int = 1024,
+    overlap: int = 64,
+    amp: bool = True,
+    channels_last: bool = True,
+    scale: float = 1.0,
+    cpu_bf16: bool = False,
+    tta: bool = False,
+) -> np.ndarray:
+    """Foreground probability of a whole normalised image, at its own size.
+
+    :func:`predict_tiled` (padding, tiles), under :func:`predict_dihedral` with ``tta``
+    (the mean over the eight turns and mirror images: eight times the work, a smoother
+    and more symmetric prediction), under :func:`predict_rescaled` with ``scale`` other
+    than 1 (the views of ``tta`` are taken of the resampled image).
+
+    Parameters
+    ----------
+    model, image, device, tile, overlap, amp, channels_last, cpu_bf16
+        As :func:`predict_tiled`.
+    scale : float, optional
+        Resampling factor: the network sees the image ``scale`` times larger (nuclei
+        ``scale`` times wider). See :func:`s2l_core.predict.auto_scale`.
+    tta : bool, optional
+        Average over the eight symmetries of the square.
+
+    Returns
+    -------
+    numpy.ndarray
+        ``(H, W)`` ``float32`` foreground probability.
+
+    Raises
+    ------
+    ValueError
+        If ``scale`` is not a positive finite number, or shrinks the image below one
+        pixel; if ``tile`` and ``overlap`` are not whole numbers with
+        ``tile > 2 * overlap >= 0``.
+    """
+    _check_tile(tile, overlap)
+    scale = _check_scale(scale, image.shape[-2:])
+    plain = functools.partial(
+        predict_tiled, model, device=device, tile=tile, overlap=overlap, amp=amp,
+        channels_last=channels_last, cpu_bf16=cpu_bf16,
+    )  # fmt: skip
+    view = functools.partial(predict_dihedral, plain) if tta else plain
+    return predict_rescaled(view, image, scale)

@@ -26,10 +26,21 @@ from pathlib import Path
 import numpy as np
 
 from s2l_core.augment import normalize_image, select_channel
-from s2l_core.files import IMAGE_SUFFIXES, read_image
-from s2l_core.predict import Preset, labels_of, predict_probability, save_labels, uncertainty
-from s2l_core.scribbles import UNLABELLED, save_scribble, validate_scribble
-from s2l_core.train import TrainConfig, Trainer, TrainSample
+from s2l_core.config import TrainConfig
+from s2l_core.encoding import UNLABELLED, save_scribble, validate_scribble
+from s2l_core.files import read_image
+from s2l_core.predict import (
+    Preset,
+    claim_outputs,
+    labels_of,
+    list_images,
+    predict_probability,
+    record_outputs,
+    save_labels,
+    uncertainty,
+)
+from s2l_core.samples import TrainSample
+from s2l_core.train import Trainer
 
 __all__ = ["AnnotationLoop", "Round", "uncertainty"]
 
@@ -96,7 +107,8 @@ class AnnotationLoop:
     Raises
     ------
     ValueError
-        No image, a channel the images lack, or a setting the preset refuses (a
+        No image, two image files of one name (``a.png`` and ``a.tif``), a channel the
+        images lack, or a setting the preset refuses (a
         ``scale`` that is neither ``"auto"`` nor a positive number, a ``min_peak``
         outside [0, 1], a negative ``smooth``).
     """
@@ -123,9 +135,16 @@ class AnnotationLoop:
             images = {str(k): np.asarray(v) for k, v in images.items()}
         else:
             folder = Path(images)
-            if not folder.is_dir():
-                raise FileNotFoundError(f"image folder not found: {folder}")
-            files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+            files = list_images(folder)
+            stems: dict[str, list[str]] = {}
+            for p in files:
+                stems.setdefault(p.stem, []).append(p.name)
+            shared = [" and ".join(names) for names in stems.values() if len(names) > 1]
+            if shared:
+                raise ValueError(
+                    f"images of {folder} share a name, and the loop knows images by name: "
+                    f"{'; '.join(shared[:5])}; rename or move one of each"
+                )
             images = {p.stem: read_image(p) for p in files}
         self.images = {}
         for name, image in images.items():
@@ -240,15 +259,23 @@ class AnnotationLoop:
         -------
         list of pathlib.Path
             One ``<name><suffix>`` per image.
+
+        Raises
+        ------
+        ValueError
+            If ``out_dir`` holds a file of an output's name that no earlier export (or
+            ``s2l predict``) wrote there, as its ``s2l_predict.json`` records: such files
+            are never replaced. Files of earlier exports are.
         """
         if not self.rounds:
             raise RuntimeError("run a round before exporting labels")
         preset = self.preset.but(method=method, min_size=min_size)
         out_dir = Path(out_dir)
-        written = []
-        for name, prob in self.rounds[-1].probabilities.items():
-            path = out_dir / f"{name}{suffix}"
-            labels = labels_of(prob, preset)
-            save_labels(path, labels)
-            written.append(path)
-        return written
+        probabilities = self.rounds[-1].probabilities
+        names = [f"{name}{suffix}" for name in probabilities]
+        owned = claim_outputs(out_dir, names)
+        for name, prob in probabilities.items():
+            save_labels(out_dir / f"{name}{suffix}", labels_of(prob, preset))
+        record = {"round": len(self.rounds), "preset": preset.to_dict(), "outputs": names}
+        record_outputs(out_dir, dict(record, complete=True), owned)
+        return [out_dir / name for name in names]

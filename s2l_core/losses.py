@@ -33,13 +33,14 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn.functional as F
 
-from s2l_core.scribbles import BACKGROUND, FOREGROUND, UNLABELLED
+from s2l_core.encoding import BACKGROUND, FOREGROUND, UNLABELLED
 
 __all__ = [
     "LossParts",
     "affinity_loss",
     "check_tau",
     "dice_loss",
+    "dice_targets",
     "partial_cross_entropy",
     "pseudo_label_cross_entropy",
     "pseudo_label_targets",
@@ -374,6 +375,38 @@ def scribble2label_loss(
 
 
 # --------------------------------------------------------------------------- extension
+
+
+def dice_targets(
+    scribble: torch.Tensor,
+    ema: torch.Tensor | None,
+    valid: torch.Tensor,
+    tau: float = 0.8,
+) -> torch.Tensor:
+    """The targets of :func:`dice_loss`: the scribbles, and where there is none the
+    confident pseudo-labels of ``ema`` (:func:`pseudo_label_targets`) when it is given.
+
+    Parameters
+    ----------
+    scribble : torch.Tensor
+        ``(N, H, W)`` integer: 0 background, 1 foreground, 250 unlabelled.
+    ema : torch.Tensor or None
+        ``(N, H, W)`` EMA foreground probabilities, or ``None`` (no pseudo-labels).
+    valid : torch.Tensor
+        ``(N, H, W)`` bool: pixels of the image (not padding); the others get 250.
+    tau : float, optional
+        Confidence threshold of the pseudo-labels.
+
+    Returns
+    -------
+    torch.Tensor
+        ``(N, H, W)`` ``int64`` targets in {0, 1, 250}.
+    """
+    target = torch.where(valid, scribble.long(), UNLABELLED)
+    if ema is not None:
+        pseudo = pseudo_label_targets(ema, target, tau=tau, valid=valid)
+        target = torch.where(target == UNLABELLED, pseudo, target)
+    return target
 
 
 def dice_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

@@ -53,6 +53,8 @@ from scipy.optimize import linear_sum_assignment
 from scipy.sparse.csgraph import connected_components
 from skimage.measure import label as _label
 
+from s2l_core.encoding import FOREGROUND, UNLABELLED
+
 __all__ = [
     "DSB_THRESHOLDS",
     "ORIGINAL_MDICE_EPS",
@@ -72,6 +74,7 @@ __all__ = [
     "match_instances",
     "object_dice",
     "original_mdice",
+    "scribble_cross_entropy",
     "summarize",
 ]
 
@@ -347,6 +350,33 @@ def foreground_dice(pred: ArrayLike, gt: ArrayLike, smooth: float = 1e-6) -> flo
     inter = np.count_nonzero(p & g)
     total = np.count_nonzero(p) + np.count_nonzero(g)
     return float((2 * inter + smooth) / (total + smooth))
+
+
+def scribble_cross_entropy(prob: ArrayLike, scribble: ArrayLike) -> float:
+    """Mean binary cross-entropy of a foreground probability on the scribbled pixels.
+
+    A score that needs only scribbles (validation without full masks).
+
+    Parameters
+    ----------
+    prob : array_like, shape (H, W)
+        Foreground probability (clipped to [1e-6, 1 - 1e-6]).
+    scribble : array_like, shape (H, W)
+        Scribble image: 0 background, 1 foreground, 250 unlabelled (ignored).
+
+    Returns
+    -------
+    float
+        The mean over scribbled pixels; NaN if none is scribbled.
+    """
+    prob, scribble = np.asarray(prob), np.asarray(scribble)
+    _check_same_shape(prob, scribble, "prob", "scribble")
+    scribbled = scribble != UNLABELLED
+    if not scribbled.any():
+        return float("nan")
+    p = np.clip(prob[scribbled], 1e-6, 1 - 1e-6)
+    fg = scribble[scribbled] == FOREGROUND
+    return float(-np.mean(np.where(fg, np.log(p), np.log1p(-p))))
 
 
 class BorderOffset(NamedTuple):

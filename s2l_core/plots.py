@@ -11,7 +11,7 @@ import numpy as np
 from matplotlib.colors import to_rgb
 from skimage.segmentation import find_boundaries
 
-from s2l_core.scribbles import BACKGROUND, FOREGROUND
+from s2l_core.encoding import BACKGROUND, FOREGROUND
 
 __all__ = ["BG_COLOUR", "FG_COLOUR", "outline", "show_image", "show_profile", "show_scribbles"]
 

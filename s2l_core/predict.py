@@ -16,6 +16,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from dataclasses import asdict, dataclass, fields, replace
@@ -42,7 +43,7 @@ from s2l_core.files import (
     write_image,
     write_json,
 )
-from s2l_core.infer import predict_foreground
+from s2l_core.infer import predict_dihedral, predict_foreground, predict_tiled
 from s2l_core.model import from_config
 from s2l_core.runtime import pick_device
 
@@ -61,6 +62,7 @@ __all__ = [
     "check_scale",
     "check_smooth",
     "check_threshold",
+    "claim_outputs",
     "foreground_to_instances",
     "labels_of",
     "list_images",
@@ -69,6 +71,7 @@ __all__ = [
     "predict_folder",
     "predict_image",
     "predict_probability",
+    "record_outputs",
     "save_labels",
     "uncertainty",
 ]
@@ -632,7 +635,8 @@ def predict_probability(
     if chosen != 1.0:
         return predict_foreground(model, image, scale=chosen, tta=tta, **options), chosen
     if tta:  # the plain pass is the first of the eight views
-        return predict_foreground(model, image, tta=True, identity=plain, **options), chosen
+        plain_pass = functools.partial(predict_tiled, model, **options)
+        return predict_dihedral(plain_pass, image, identity=plain), chosen
     return plain, chosen
 
 
@@ -848,14 +852,45 @@ def _check_output_dir(
             f"the output folder is the input folder ({output_dir}): the label images "
             "would take the names of your images; choose another output folder"
         )
-    present = {p.name.casefold(): p.name for p in output_dir.iterdir()}
-    visible = [n for n in present.values() if not n.startswith(".")]
+    visible = [p.name for p in output_dir.iterdir() if not p.name.startswith(".")]
     if visible and not overwrite:
         raise ValueError(
             f"the output folder {output_dir} is not empty; choose a new or empty folder, "
             "or pass --overwrite (overwrite=True) to replace the files an earlier "
             "s2l predict wrote there"
         )
+    owned = claim_outputs(output_dir, names)
+    check_writable(output_dir)
+    return owned
+
+
+def claim_outputs(output_dir: str | os.PathLike, names: list[str]) -> set[str]:
+    """Check that writing files of ``names`` into ``output_dir`` replaces no file that
+    this package did not write there.
+
+    Parameters
+    ----------
+    output_dir : str or os.PathLike
+        The folder (it may not exist yet).
+    names : list of str
+        The file names to be written.
+
+    Returns
+    -------
+    set of str
+        The names of the files earlier runs wrote there, as their record
+        (:data:`MANIFEST`) lists them, the record included; empty without a record.
+
+    Raises
+    ------
+    ValueError
+        If a file of one of ``names`` (or of the record's name) exists, ignoring case,
+        and no record lists it: the error names such files.
+    """
+    output_dir = Path(output_dir)
+    if not output_dir.is_dir():
+        return set()
+    present = {p.name.casefold(): p.name for p in output_dir.iterdir()}
     owned = _owned(output_dir)
     foreign = [
         present[n.casefold()]
@@ -866,11 +901,20 @@ def _check_output_dir(
         listed = ", ".join(foreign[:5]) + (" ..." if len(foreign) > 5 else "")
         raise ValueError(
             f"{output_dir} holds {len(foreign)} file(s) of the names this run writes that "
-            f"no earlier s2l predict wrote there: {listed}. --overwrite replaces only "
-            f"files listed in {MANIFEST}; move those files or choose another output folder"
+            f"no earlier s2l predict or label export wrote there: {listed}. Only files "
+            f"listed in its {MANIFEST} are replaced; move those files or choose another "
+            "output folder"
         )
-    check_writable(output_dir)
     return owned
+
+
+def record_outputs(output_dir: Path, record: dict, owned: set[str]) -> None:
+    """Write the record of a run's outputs (:data:`MANIFEST`) into ``output_dir``:
+    ``record`` with ``"written_before"``, the files earlier runs wrote that this one did
+    not replace and that are still there."""
+    new = set(record.get("outputs", [])) | set(record.get("probabilities", []))
+    before = sorted(n for n in owned - new - {MANIFEST} if (output_dir / n).exists())
+    write_json(output_dir / MANIFEST, dict(record, written_before=before))
 
 
 def predict_folder(
@@ -991,13 +1035,10 @@ def predict_folder(
         remove_stale(output_dir / MANIFEST)
         with temporary_dir(output_dir / MANIFEST) as tmp:
             predict_into(tmp)
-            new = set(names)
-            before = sorted(n for n in owned - new - {MANIFEST} if (output_dir / n).exists())
-            record["written_before"] = before
             # Recorded before the moves, so that an interrupted move leaves a record
             # that owns every file and does not look finished.
-            write_json(output_dir / MANIFEST, dict(record, complete=False))
+            record_outputs(output_dir, dict(record, complete=False), owned)
             for name in names:
                 os.replace(tmp / name, output_dir / name)
-            write_json(output_dir / MANIFEST, record)
+            record_outputs(output_dir, record, owned)
     return [output_dir / label for _, label, _ in plan]

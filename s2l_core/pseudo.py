@@ -33,8 +33,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from s2l_core.encoding import BACKGROUND, FOREGROUND, UNLABELLED
 from s2l_core.losses import check_tau, pseudo_label_targets
-from s2l_core.scribbles import BACKGROUND, FOREGROUND, UNLABELLED
 
 __all__ = [
     "ConfidenceSummary",

@@ -15,7 +15,15 @@ from typing import TypeVar
 import numpy as np
 from tqdm.auto import tqdm
 
-__all__ = ["cpu_bf16_native", "parallel_map", "pick_device", "set_seed"]
+__all__ = [
+    "cpu_bf16_native",
+    "cpu_bf16_wanted",
+    "parallel_map",
+    "pick_device",
+    "restore_rng_state",
+    "rng_state",
+    "set_seed",
+]
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -42,6 +50,30 @@ def set_seed(seed: int, *, deterministic: bool = False) -> None:
     if deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
         torch.backends.cudnn.benchmark = False
+
+
+def rng_state(rng: np.random.Generator) -> dict:
+    """The state of ``rng`` and of Python's, NumPy's and PyTorch's (CPU and CUDA) global
+    generators, as plain values and tensors (``torch.load(weights_only=True)`` safe)."""
+    import torch
+
+    state = {"numpy": rng.bit_generator.state, "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    state["python"] = list(random.getstate()[1])
+    return state
+
+
+def restore_rng_state(rng: np.random.Generator, state: dict) -> None:
+    """Put ``rng`` and the global generators back into a :func:`rng_state`."""
+    import torch
+
+    rng.bit_generator.state = state["numpy"]
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    version, _, gauss = random.getstate()
+    random.setstate((version, tuple(state["python"]), gauss))
 
 
 def pick_device(preference: str = "auto", *, verbose: bool = True):
@@ -113,6 +145,22 @@ def cpu_bf16_native(cpuinfo: str | None = None) -> bool:
         if sep and key.strip() == "flags" and set(value.split()) & set(BF16_FLAGS):
             return True
     return False
+
+
+def cpu_bf16_wanted(asked: bool, device, *, verbose: bool = True) -> bool:
+    """Whether to autocast to bfloat16: ``asked``, on the CPU, and the CPU computes it
+    natively (:func:`cpu_bf16_native`); with ``verbose``, say so where it was asked."""
+    if not (asked and device.type == "cpu"):
+        return False
+    native = cpu_bf16_native()
+    if verbose:
+        print(
+            "Training in bfloat16 on the CPU"
+            if native
+            else "cpu_bf16: this CPU has no native bfloat16 (AVX512-BF16 or AMX), so "
+            "training stays in float32"
+        )
+    return native
 
 
 def parallel_map(

@@ -22,455 +22,107 @@ from __future__ import annotations
 
 import math
 import os
-import random
-import sys
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from s2l_core.augment import AugmentConfig, normalize_image, random_crops, select_channel
+from s2l_core.augment import crops_to_device, random_crops
 from s2l_core.checkpoint import (
     CHECKPOINT_FORMAT,
-    PRECISIONS,
-    compress_weights,
     load_checkpoint,
     write_model_checkpoint,
 )
 from s2l_core.checks import whole_number
+from s2l_core.config import TrainConfig
+from s2l_core.encoding import UNLABELLED
 from s2l_core.files import atomic_path, remove_stale
 from s2l_core.infer import autocast_context, predict_foreground
-from s2l_core.losses import (
-    affinity_loss,
-    check_tau,
-    dice_loss,
-    pseudo_label_targets,
-    scribble2label_loss,
-)
-from s2l_core.metrics import foreground_iou
-from s2l_core.model import from_config, parameter_groups
+from s2l_core.losses import affinity_loss, dice_loss, dice_targets, scribble2label_loss
+from s2l_core.metrics import foreground_iou, scribble_cross_entropy
 from s2l_core.pseudo import EMAStore, ema_due, pseudo_label_accuracy
-from s2l_core.runtime import cpu_bf16_native, pick_device, set_seed
-from s2l_core.scribbles import BACKGROUND, FOREGROUND, UNLABELLED, validate_scribble
+from s2l_core.runtime import (
+    cpu_bf16_wanted,
+    pick_device,
+    restore_rng_state,
+    rng_state,
+    set_seed,
+)
+from s2l_core.samples import TrainSample, check_training_set
 
-__all__ = [
-    "CHECKPOINT_FORMAT",
-    "ILLUMINATION",
-    "PRECISIONS",
-    "PROFILES",
-    "TrainConfig",
-    "TrainSample",
-    "Trainer",
-    "compress_weights",
-    "load_checkpoint",
-    "load_folder_samples",
-    "load_samples",
-]
-
-SELECTIONS = ("last", "val_scribble", "val_iou_full_masks")
+__all__ = ["Trainer", "train_step"]
 
 
-@dataclass
-class TrainSample:
-    """One training (or validation) image.
-
-    Attributes
-    ----------
-    image_id : str
-        A unique name.
-    image : numpy.ndarray
-        ``(3, H, W)`` ``float32`` from :func:`s2l_core.augment.normalize_image`.
-    scribble : numpy.ndarray
-        ``(H, W)`` ``uint8``: 0 background, 1 foreground, 250 unlabelled.
-    labels : numpy.ndarray or None
-        ``(H, W)`` full instance labels, if known: used only for reporting (pseudo-label
-        accuracy, validation IoU), never for training unless the samples were made with
-        ``full_masks=True``.
-    """
-
-    image_id: str
-    image: np.ndarray
-    scribble: np.ndarray
-    labels: np.ndarray | None = None
-
-    @classmethod
-    def from_arrays(
-        cls,
-        image_id: str,
-        image: np.ndarray,
-        scribble: np.ndarray,
-        labels: np.ndarray | None = None,
-    ) -> TrainSample:
-        """Build a sample from a raw image of any supported kind (normalised here).
-
-        Raises
-        ------
-        ValueError
-            If the image is of an unsupported kind, the scribble image is not a valid one
-            of the image's ``(H, W)``, or ``labels`` is not an ``(H, W)`` integer or
-            boolean image (which would only fail at validation, epochs later).
-        """
-        x = normalize_image(image)  # first: an unsupported image is the error to report
-        scribble = validate_scribble(scribble, shape=x.shape[1:])
-        if labels is not None:
-            labels = np.asarray(labels)
-            integer = labels.dtype == bool or np.issubdtype(labels.dtype, np.integer)
-            if labels.shape != x.shape[1:] or not integer:
-                raise ValueError(
-                    f"{image_id}: labels must be an integer (or boolean) image of the "
-                    f"image's shape {x.shape[1:]}, got {labels.dtype} {labels.shape}"
-                )
-        return cls(image_id, x, scribble, labels)
-
-
-def load_samples(
-    dataset,
-    ids: Sequence[str],
-    scribble_set=None,
-    ratio: float = 0.3,
+def train_step(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    batch: dict[str, torch.Tensor | None],
+    config: TrainConfig,
     *,
-    full_masks: bool = False,
-    with_labels: bool = True,
-) -> list[TrainSample]:
-    """Load prepared BBBC038 images with their scribbles as training samples.
+    scaler: torch.amp.GradScaler | None = None,
+    bf16: bool = False,
+) -> dict[str, float]:
+    """One optimisation step of Scribble2Label on one batch of crops.
+
+    The forward pass, the loss (partial cross-entropy on the scribbles, plus ``lam`` times
+    the cross-entropy on confident pseudo-labels when the batch has EMA maps, plus the
+    optional affinity and Dice terms of ``config``), the backward pass and the
+    optimiser's step. The learning-rate schedule is the caller's.
 
     Parameters
     ----------
-    dataset : s2l_core.data.PreparedDataset
-        The prepared dataset.
-    ids : sequence of str
-        Image ids (e.g. ``dataset.ids("fluorescence", "train")``).
-    scribble_set : s2l_core.scribbles.ScribbleSet, optional
-        Where the scribbles come from; required unless ``full_masks``.
-    ratio : float, optional
-        Scribble ratio.
-    full_masks : bool, optional
-        Use the full masks as labels on every pixel (the full-supervision baseline).
-    with_labels : bool, optional
-        Keep the full labels for reporting.
+    model : torch.nn.Module
+        The network, in training mode.
+    optimizer : torch.optim.Optimizer
+        Its optimiser.
+    batch : dict
+        Tensors on the model's device: ``"image"`` ``(B, 3, H, W)``, ``"scribble"`` and
+        ``"valid"`` ``(B, H, W)``, ``"ema"`` ``(B, H, W)`` or ``None`` (no pseudo-labels:
+        warm-up, or a baseline).
+    config : TrainConfig
+        ``tau``, ``lam``, ``affinity``, ``affinity_sigma``, ``dice`` and ``amp``.
+    scaler : torch.amp.GradScaler, optional
+        Loss scaling for float16 on CUDA; ``None`` steps plainly.
+    bf16 : bool, optional
+        bfloat16 autocast on the CPU.
 
     Returns
     -------
-    list of TrainSample
+    dict of str to float
+        ``loss`` and its parts: ``pce``, ``pseudo``, ``pseudo_fraction``, ``affinity``,
+        ``dice`` (0 where a term is off).
     """
-    if scribble_set is None and not full_masks:
-        raise ValueError("scribble_set is required unless full_masks=True")
-    samples = []
-    for image_id in ids:
-        labels = dataset.labels(image_id)
-        if full_masks:
-            scribble = np.where(labels > 0, FOREGROUND, BACKGROUND).astype(np.uint8)
-        else:
-            scribble = scribble_set.scribble(image_id, ratio)
-        samples.append(
-            TrainSample(
-                image_id,
-                normalize_image(dataset.image(image_id)),
-                scribble,
-                labels if with_labels else None,
-            )
-        )
-    return samples
-
-
-def load_folder_samples(
-    images_dir: str | os.PathLike,
-    scribbles_dir: str | os.PathLike,
-    *,
-    scribble_format: str = "s2l",
-    channel: int | None = None,
-) -> list[TrainSample]:
-    """Load a user's images with their scribbles (same file stem) as training samples.
-
-    Parameters
-    ----------
-    images_dir : str or os.PathLike
-        Images of any supported kind (PNG, TIFF, JPEG; grey, RGB, RGBA; 8/16-bit).
-    scribbles_dir : str or os.PathLike
-        One scribble image per annotated image, named ``<image stem>.png`` (or
-        ``.tif``). Images without a scribble file, and scribble files that mark no
-        pixel, are skipped and listed on stderr.
-    scribble_format : {"s2l", "napari"}, optional
-        ``"s2l"``: 0 background, 1 foreground, 250 unlabelled; ``"napari"``: napari or
-        ilastik labels, 0 unlabelled, 1 background, 2 foreground.
-    channel : int, optional
-        Take this channel of multi-channel images
-        (:func:`s2l_core.augment.select_channel`), e.g. the nuclear stain.
-
-    Returns
-    -------
-    list of TrainSample
-
-    Raises
-    ------
-    FileNotFoundError, ValueError
-        Missing folders, no annotated image, unreadable files or scribbles that do not
-        fit their image (the message names the file).
-    """
-    from s2l_core.files import IMAGE_SUFFIXES, read_image
-    from s2l_core.scribbles import from_napari
-
-    if scribble_format not in ("s2l", "napari"):
-        raise ValueError(f"scribble_format must be 's2l' or 'napari', got {scribble_format!r}")
-    images_dir, scribbles_dir = Path(images_dir), Path(scribbles_dir)
-    for folder in (images_dir, scribbles_dir):
-        if not folder.is_dir():
-            raise FileNotFoundError(f"folder not found: {folder}")
-    samples, unscribbled, blank = [], [], []
-    for path in sorted(images_dir.iterdir()):
-        if path.suffix.lower() not in IMAGE_SUFFIXES or path.name.startswith("."):
-            continue
-        candidates = [scribbles_dir / f"{path.stem}{s}" for s in (".png", ".tif", ".tiff")]
-        found = [c for c in candidates if c.is_file()]
-        if not found:
-            unscribbled.append(path.name)
-            continue
-        image = read_image(path)
-        raw = read_image(found[0])
-        try:
-            # from_arrays checks the image's kind before the scribbles' shape.
-            scribble = from_napari(raw) if scribble_format == "napari" else raw
-            sample = TrainSample.from_arrays(path.stem, select_channel(image, channel), scribble)
-        except ValueError as err:  # the image's kind or the scribbles: name both files
-            raise ValueError(f"{path} (scribbles {found[0].name}): {err}") from err
-        if (sample.scribble == UNLABELLED).all():
-            blank.append(found[0].name)
-        else:
-            samples.append(sample)
-    for names, why in (
-        (unscribbled, f"have no scribble file in {scribbles_dir}"),
-        (blank, "are scribble files that mark no pixel"),
-    ):
-        if names and samples:
-            shown = ", ".join(names[:10]) + (" ..." if len(names) > 10 else "")
-            print(f"skipped {len(names)} image(s) that {why}: {shown}", file=sys.stderr)
-    if not samples and blank:
-        raise ValueError(
-            f"every scribble file in {scribbles_dir} leaves all pixels unlabelled "
-            f"({', '.join(blank[:5])}); draw strokes on some nuclei and on the background"
-        )
-    if not samples:
-        raise ValueError(
-            f"no image in {images_dir} has a scribble file (same name, .png/.tif) in "
-            f"{scribbles_dir}"
-        )
-    return samples
-
-
-def _check_scribbled(samples: Sequence[TrainSample]) -> None:
-    """Refuse training samples whose scribbles cannot teach anything: the loss on
-    scribbles needs foreground and background pixels somewhere in the set."""
-    fg = sum(int(np.count_nonzero(s.scribble == FOREGROUND)) for s in samples)
-    bg = sum(int(np.count_nonzero(s.scribble == BACKGROUND)) for s in samples)
-    if fg and bg:
-        return
-    missing = " and ".join(
-        name for name, n in (("foreground (1)", fg), ("background (0)", bg)) if not n
+    x, scribble, valid, ema = batch["image"], batch["scribble"], batch["valid"], batch["ema"]
+    use_pseudo = ema is not None
+    with autocast_context(x.device, config.amp, bf16):
+        logits = model(x)
+    loss, parts = scribble2label_loss(
+        logits, scribble, ema, tau=config.tau, lam=config.lam, use_pseudo=use_pseudo, valid=valid
     )
-    raise ValueError(
-        f"the scribbles of the {len(samples)} training image(s) mark no {missing} pixel, "
-        "so the network cannot learn to tell nuclei from background; draw strokes on "
-        "some nuclei and on the background around them"
-    )
-
-
-@dataclass
-class TrainConfig:
-    """Every setting of a training run (defaults: the original implementation's).
-
-    Attributes
-    ----------
-    epochs : int
-        Epochs to train.
-    batch_size : int
-        Crops per batch.
-    samples_per_epoch : int or None
-        Crops per epoch; ``None`` is one per training image (the original). Set it for
-        small datasets, where an epoch of a few crops is too short.
-    warmup_epochs : int
-        Epochs of pCE only before pseudo-labels are used.
-    ema_every, ema_start : int
-        EMA update schedule: after epoch ``ema_start`` and every ``ema_every`` epochs
-        (0-based epochs; see :func:`s2l_core.pseudo.ema_due`).
-    alpha, tau, lam : float
-        EMA weight, confidence threshold and pseudo-label loss weight.
-    ema_start_value : {"first", "zero"}
-        How the EMA store starts (:class:`s2l_core.pseudo.EMAStore` ``start``):
-        ``"zero"`` as the original, which needs about 8 EMA updates before a foreground
-        pixel can be confident and so suits only long warm-ups; ``"first"`` (default)
-        starts from the first prediction.
-    use_pseudo : bool
-        ``False`` trains on scribbles only (the pCE baseline).
-    affinity, affinity_sigma : float
-        Weight of the local affinity regulariser
-        (:func:`s2l_core.losses.affinity_loss`, an extension, not in the original; ``0``
-        is off) and its intensity scale.
-    dice : float
-        Weight of a soft Dice term on the labelled pixels, scribbles and pseudo-labels
-        together (:func:`s2l_core.losses.dice_loss`, an extension; ``0`` is off).
-    optimizer : {"radam", "adamw"}
-        RAdam (the original's; its variance rectification warms the step size up over
-        the first few hundred iterations) or AdamW (faster start for short budgets).
-    lr_encoder, lr_decoder, weight_decay : float
-        Learning rates and decoupled weight decay.
-    t0, t_mult, eta_min : float
-        Cosine annealing with warm restarts, stepped every iteration.
-    freeze_head : bool
-        Leave the final output layer at its initialisation, as the original code did by
-        mistake (it put only the encoder and decoder into the optimiser).
-    val_every : int
-        Validate every this many epochs (and after the last); 0 never.
-    select : str
-        Which weights :meth:`Trainer.best_state` returns: ``"last"`` (default: needs no
-        full masks), ``"val_scribble"`` (lowest scribble loss on validation images: needs
-        only scribbles) or ``"val_iou_full_masks"`` (highest validation IoU on *full*
-        masks, as the original; labels a scribble-only user does not have).
-    seed : int
-        Seed of initialisation, crops and augmentation.
-    amp, channels_last : bool
-        Mixed precision on CUDA and channels-last memory format.
-    cpu_bf16 : bool
-        bfloat16 autocast when training on a CPU that computes bfloat16 natively
-        (AVX512-BF16 or AMX, :func:`s2l_core.runtime.cpu_bf16_native`); elsewhere
-        float32, with a note. On such a CPU the training step runs about 1.7 times as
-        fast as in float32 (``benchmarks/bench_model.py``) and a whole ``cpu``-profile
-        run about 1.5 times, at the same quality. Off by default.
-    model : dict
-        Keyword arguments of :class:`s2l_core.model.UNet`.
-    augment : AugmentConfig
-        Augmentation.
-    """
-
-    epochs: int = 200
-    batch_size: int = 16
-    samples_per_epoch: int | None = None
-    warmup_epochs: int = 100
-    ema_every: int = 5
-    ema_start: int = 4
-    alpha: float = 0.2
-    ema_start_value: str = "first"
-    tau: float = 0.8
-    lam: float = 0.5
-    use_pseudo: bool = True
-    affinity: float = 0.0
-    affinity_sigma: float = 0.1
-    dice: float = 0.0
-    optimizer: str = "radam"
-    lr_encoder: float = 3e-4
-    lr_decoder: float = 3e-3
-    weight_decay: float = 5e-5
-    t0: int = 2
-    t_mult: int = 2
-    eta_min: float = 1e-6
-    freeze_head: bool = False
-    val_every: int = 5
-    select: str = "last"
-    seed: int = 0
-    amp: bool = True
-    channels_last: bool = True
-    cpu_bf16: bool = False
-    model: dict = field(default_factory=dict)
-    augment: AugmentConfig = field(default_factory=AugmentConfig)
-
-    def __post_init__(self) -> None:
-        if self.optimizer not in ("radam", "adamw"):
-            raise ValueError(f"optimizer must be 'radam' or 'adamw', got {self.optimizer!r}")
-        if self.select not in SELECTIONS:
-            raise ValueError(f"select must be one of {SELECTIONS}, got {self.select!r}")
-        if not self.affinity_sigma > 0:  # False for NaN too
-            raise ValueError(f"affinity_sigma must be > 0, got {self.affinity_sigma}")
-        self._check_schedule()
-        if isinstance(self.augment, dict):
-            self.augment = AugmentConfig.from_dict(self.augment)
-
-    def _check_schedule(self) -> None:
-        """Refuse counts and rates that would fail only later in a run (``tau`` after
-        the first batch, ``ema_every`` after the first epoch) or train silently wrong (no
-        batch in an epoch); whole numbers are stored as plain ``int``."""
-        whole = {
-            "epochs": 0, "batch_size": 1, "warmup_epochs": 0, "ema_every": 1, "ema_start": 0,
-            "val_every": 0, "t0": 1, "t_mult": 1, "seed": 0,
-        }  # fmt: skip
-        if self.samples_per_epoch is not None:
-            whole["samples_per_epoch"] = 1
-        for name, minimum in whole.items():
-            # NumPy integers become plain ints (JSON-safe).
-            setattr(self, name, whole_number(name, getattr(self, name), minimum))
-        rates = {  # name: (lowest value allowed, whether it may be equalled, upper limit)
-            "alpha": (0.0, False, 1.0), "lam": (0.0, True, math.inf),
-            "lr_encoder": (0.0, False, math.inf), "lr_decoder": (0.0, False, math.inf),
-            "weight_decay": (0.0, True, math.inf), "eta_min": (0.0, True, math.inf),
-            "affinity": (0.0, True, math.inf), "dice": (0.0, True, math.inf),
-        }  # fmt: skip
-        for name, (low, closed, high) in rates.items():
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float, np.number)):
-                raise ValueError(f"{name} must be a number, got {value!r}")
-            above = value >= low if closed else value > low
-            if not (above and value <= high and math.isfinite(value)):
-                bound = f"{'>=' if closed else '>'} {low:g}"
-                limit = f" and <= {high:g}" if math.isfinite(high) else ""
-                raise ValueError(f"{name} must be a finite number {bound}{limit}, got {value}")
-        try:
-            check_tau(self.tau)
-        except TypeError as err:
-            raise ValueError(str(err)) from None
-        if self.ema_start_value not in ("first", "zero"):
-            raise ValueError(
-                f"ema_start_value must be 'first' or 'zero', got {self.ema_start_value!r}"
-            )
-
-    def to_dict(self) -> dict:
-        """Plain-type dict (JSON and ``torch.load(weights_only=True)`` safe)."""
-        d = asdict(self)
-        d["augment"] = self.augment.to_dict()
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict) -> TrainConfig:
-        """Inverse of :meth:`to_dict`; unknown keys are an error."""
-        return cls(**d)
-
-    @classmethod
-    def profile(cls, name: str, **overrides: Any) -> TrainConfig:
-        """A named budget: ``smoke``, ``cpu`` or ``full`` (see :data:`PROFILES`)."""
-        if name not in PROFILES:
-            raise ValueError(f"unknown profile {name!r}; choose from {sorted(PROFILES)}")
-        return replace(PROFILES[name], **overrides)
-
-
-#: Amplitude range of the illumination-field augmentation in the ``cpu`` and ``full``
-#: profiles (:class:`s2l_core.augment.AugmentConfig`). Measured on the fluorescence split
-#: with the ``cpu`` profile: test IoU 0.842 → 0.852, AP 0.531 → 0.557.
-ILLUMINATION: tuple[float, float] = (-0.2, 0.5)
-
-#: Named budgets. ``full`` is the paper's schedule (GPU). ``cpu`` fits a 2-core CPU in
-#: under half an hour on the fluorescence training split (328 images): 48 epochs of 21
-#: batches, so that the last cosine cycle (iterations 510-1022) ends with the run, and
-#: AdamW, whose step size is not held back over the first few hundred iterations as
-#: RAdam's is. Both add smooth illumination fields to half of the crops. ``smoke`` runs
-#: in seconds.
-PROFILES: dict[str, TrainConfig] = {
-    "smoke": TrainConfig(
-        epochs=3, batch_size=4, samples_per_epoch=8, warmup_epochs=1, ema_every=1,
-        ema_start=0, val_every=3, augment=AugmentConfig(crop_size=128),
-    ),
-    "cpu": TrainConfig(
-        epochs=48, batch_size=16, warmup_epochs=15, ema_every=3, ema_start=2, val_every=6,
-        optimizer="adamw", lr_encoder=1e-3, lr_decoder=3e-3,
-        augment=AugmentConfig(illumination=ILLUMINATION),
-    ),
-    "full": TrainConfig(
-        epochs=600, batch_size=30, warmup_epochs=100, ema_every=5, ema_start=4,
-        augment=AugmentConfig(illumination=ILLUMINATION),
-    ),
-}  # fmt: skip
+    out = {"pce": parts.pce, "pseudo": parts.pseudo, "pseudo_fraction": parts.pseudo_fraction}
+    out["affinity"] = out["dice"] = 0.0
+    if config.affinity > 0:
+        smooth = affinity_loss(logits, x, valid, sigma_intensity=config.affinity_sigma)
+        loss = loss + config.affinity * smooth
+        out["affinity"] = float(smooth.detach())
+    if config.dice > 0:
+        overlap = dice_loss(logits, dice_targets(scribble, ema, valid, tau=config.tau))
+        loss = loss + config.dice * overlap
+        out["dice"] = float(overlap.detach())
+    optimizer.zero_grad(set_to_none=True)
+    if scaler is None:
+        loss.backward()
+        optimizer.step()
+    else:
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+    out["loss"] = float(loss.detach())
+    return out
 
 
 class Trainer:
@@ -504,18 +156,7 @@ class Trainer:
         device: str | torch.device = "auto",
         verbose: bool = True,
     ) -> None:
-        if not train:
-            raise ValueError("no training samples")
-        ids = [s.image_id for s in train]
-        if len(set(ids)) != len(ids):
-            raise ValueError("training sample ids must be unique")
-        for s in train:
-            if s.image.ndim != 3 or s.image.shape[1:] != s.scribble.shape:
-                raise ValueError(
-                    f"sample {s.image_id}: image {s.image.shape} and scribble "
-                    f"{s.scribble.shape} do not fit"
-                )
-        _check_scribbled(train)
+        check_training_set(train)
         self.train_samples = list(train)
         self.val_samples = list(val or [])
         self.config = config
@@ -523,42 +164,16 @@ class Trainer:
             device if isinstance(device, torch.device) else pick_device(device, verbose=verbose)
         )
         #: bfloat16 autocast on this CPU (asked for and native), used in every pass.
-        self.cpu_bf16 = config.cpu_bf16 and self.device.type == "cpu" and cpu_bf16_native()
-        if verbose and config.cpu_bf16 and self.device.type == "cpu":
-            print(
-                "Training in bfloat16 on the CPU"
-                if self.cpu_bf16
-                else "cpu_bf16: this CPU has no native bfloat16 (AVX512-BF16 or AMX), "
-                "so training stays in float32"
-            )
+        self.cpu_bf16 = cpu_bf16_wanted(config.cpu_bf16, self.device, verbose=verbose)
         set_seed(config.seed)
-        self.model = from_config(config.model)
-        multiple = getattr(self.model, "size_multiple", 1)
-        if config.augment.crop_size % multiple:
-            crop = config.augment.crop_size
-            raise ValueError(
-                f"augment.crop_size ({crop}) must be a multiple of the network's size "
-                f"multiple, {multiple} (e.g. {crop + (-crop) % multiple})"
-            )
+        self.model = config.build_model()
         self.model.to(self.device)
         if config.channels_last:
             self.model.to(memory_format=torch.channels_last)
-        groups = parameter_groups(
-            self.model, config.lr_encoder, config.lr_decoder, train_head=not config.freeze_head
-        )
-        if config.optimizer == "radam":
-            self.optimizer = torch.optim.RAdam(
-                groups, weight_decay=config.weight_decay, decoupled_weight_decay=True
-            )
-        else:
-            self.optimizer = torch.optim.AdamW(groups, weight_decay=config.weight_decay)
-        self.scheduler = torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(
-            self.optimizer, T_0=config.t0, T_mult=config.t_mult, eta_min=config.eta_min
-        )
-        use_scaler = (
-            self.device.type == "cuda" and config.amp and not torch.cuda.is_bf16_supported()
-        )
-        self.scaler = torch.amp.GradScaler("cuda", enabled=use_scaler)
+        self.optimizer, self.scheduler = config.optimizer_for(self.model)
+        # Loss scaling for float16, where CUDA has no bfloat16 (off elsewhere).
+        fp16 = self.device.type == "cuda" and config.amp and not torch.cuda.is_bf16_supported()
+        self.scaler = torch.amp.GradScaler("cuda", enabled=fp16)
         self.ema = EMAStore(
             {s.image_id: s.scribble.shape for s in train},
             alpha=config.alpha,
@@ -593,22 +208,8 @@ class Trainer:
         """EMA passes done so far."""
         return min((self.ema.n_updates(i) for i in self.ema.ids), default=0)
 
-    def _dice_targets(
-        self,
-        scribble: torch.Tensor,
-        ema: torch.Tensor | None,
-        valid: torch.Tensor,
-        use_pseudo: bool,
-    ) -> torch.Tensor:
-        """Scribbles, and confident pseudo-labels once they are active: the Dice targets."""
-        target = torch.where(valid, scribble.long(), UNLABELLED)
-        if use_pseudo and ema is not None:
-            pseudo = pseudo_label_targets(ema, target, tau=self.config.tau, valid=valid)
-            target = torch.where(target == UNLABELLED, pseudo, target)
-        return target
-
     def train_epoch(self, progress: bool = False) -> dict:
-        """Train one epoch; return its averages."""
+        """Train one epoch (:func:`train_step` on every batch); return its averages."""
         c = self.config
         self.model.train()
         use_pseudo = self.pseudo_active()
@@ -626,38 +227,15 @@ class Trainer:
                 self.rng,
                 c.augment,
             )
-            pin = self.device.type == "cuda"
-            batch = {k: (v.pin_memory() if pin else v) for k, v in crops.items()}
-            x = batch["image"].to(self.device, non_blocking=True)
-            if c.channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
-            scribble = batch["scribble"].to(self.device, non_blocking=True)
-            valid = batch["valid"].to(self.device, non_blocking=True)
-            ema = batch["ema"].to(self.device, non_blocking=True) if use_pseudo else None
-            with autocast_context(self.device, c.amp, self.cpu_bf16):
-                logits = self.model(x)
-            loss, parts = scribble2label_loss(
-                logits, scribble, ema, tau=c.tau, lam=c.lam, use_pseudo=use_pseudo, valid=valid
+            batch = crops_to_device(crops, self.device, c.channels_last, use_pseudo)
+            parts = train_step(
+                self.model, self.optimizer, batch, c, scaler=self.scaler, bf16=self.cpu_bf16
             )
-            if c.affinity > 0:
-                smooth = affinity_loss(logits, x, valid, sigma_intensity=c.affinity_sigma)
-                loss = loss + c.affinity * smooth
-                sums["affinity"] += float(smooth.detach())
-            if c.dice > 0:
-                overlap = dice_loss(logits, self._dice_targets(scribble, ema, valid, use_pseudo))
-                loss = loss + c.dice * overlap
-                sums["dice"] += float(overlap.detach())
-            self.optimizer.zero_grad(set_to_none=True)
-            self.scaler.scale(loss).backward()
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
             self.scheduler.step()
             self.iteration += 1
             n_batches += 1
-            sums["loss"] += float(loss.detach())
-            sums["pce"] += parts.pce
-            sums["pseudo"] += parts.pseudo
-            sums["pseudo_fraction"] += parts.pseudo_fraction
+            for key in sums:
+                sums[key] += parts[key]
         seconds = time.perf_counter() - start
         row = {k: v / max(n_batches, 1) for k, v in sums.items()}
         row.update(
@@ -709,11 +287,8 @@ class Trainer:
         ious, losses = [], []
         for s in self.val_samples:
             prob = self.predict(s.image)
-            scribbled = s.scribble != UNLABELLED
-            if scribbled.any():
-                p = np.clip(prob[scribbled], 1e-6, 1 - 1e-6)
-                fg = s.scribble[scribbled] == FOREGROUND
-                losses.append(float(-np.mean(np.where(fg, np.log(p), np.log1p(-p)))))
+            if (s.scribble != UNLABELLED).any():
+                losses.append(scribble_cross_entropy(prob, s.scribble))
             if s.labels is not None:
                 ious.append(foreground_iou(prob > 0.5, s.labels > 0))
         row = {}
@@ -805,10 +380,6 @@ class Trainer:
 
     def state_dict(self) -> dict:
         """Everything needed to continue training exactly (plain types and tensors)."""
-        rng = {"numpy": self.rng.bit_generator.state, "torch": torch.get_rng_state()}
-        if torch.cuda.is_available():
-            rng["cuda"] = torch.cuda.get_rng_state_all()
-        rng["python"] = list(random.getstate()[1])
         return {
             "format": CHECKPOINT_FORMAT,
             "kind": "training",
@@ -818,7 +389,7 @@ class Trainer:
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict(),
             "ema": self.ema.state_dict(),
-            "rng": rng,
+            "rng": rng_state(self.rng),
             "epoch": self.epoch,
             "iteration": self.iteration,
             "config": self.config.to_dict(),
@@ -851,12 +422,7 @@ class Trainer:
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
         self.ema.load_state_dict(state["ema"])
-        self.rng.bit_generator.state = state["rng"]["numpy"]
-        torch.set_rng_state(state["rng"]["torch"])
-        if "cuda" in state["rng"] and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
-        version, _, gauss = random.getstate()
-        random.setstate((version, tuple(state["rng"]["python"]), gauss))
+        restore_rng_state(self.rng, state["rng"])
         self.epoch = int(state["epoch"])
         self.iteration = int(state["iteration"])
         self.history = list(state["history"])

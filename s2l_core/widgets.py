@@ -39,10 +39,7 @@ from matplotlib.colors import to_rgb
 from PIL import Image
 
 from s2l_core.augment import select_channel
-from s2l_core.files import IMAGE_SUFFIXES, read_image, write_image
-from s2l_core.plots import BG_COLOUR, FG_COLOUR
-from s2l_core.predict import uncertainty as uncertainty_map
-from s2l_core.scribbles import (
+from s2l_core.encoding import (
     BACKGROUND,
     FOREGROUND,
     UNLABELLED,
@@ -51,6 +48,9 @@ from s2l_core.scribbles import (
     save_scribble,
     validate_scribble,
 )
+from s2l_core.files import IMAGE_SUFFIXES, read_image, write_image
+from s2l_core.plots import BG_COLOUR, FG_COLOUR
+from s2l_core.predict import uncertainty as uncertainty_map
 
 __all__ = [
     "IMAGE_SUFFIXES",
@@ -860,6 +860,16 @@ class ScribbleSession:
         self.images = _image_list(images)
         self.channel = channel
         self.scribbles_dir = Path(scribbles_dir)
+        same = [
+            p.name
+            for p in self.images
+            if (self.scribbles_dir / f"{p.stem}.png").resolve() == p.resolve()
+        ]
+        if same:
+            raise ValueError(
+                f"the scribbles of {same[0]} would be saved over the image itself "
+                f"({self.scribbles_dir} holds the images); choose another scribbles folder"
+            )
         self.scribbles_dir.mkdir(parents=True, exist_ok=True)
         self.last_error: Exception | None = None
         self._index = self._checked_index(start)

@@ -119,8 +119,8 @@ def synthetic_nuclei(seed: int, shape: tuple[int, int] = (96, 96), n: int = 6):
 @pytest.fixture
 def synthetic_samples():
     """Factory of training samples from synthetic images with synthesized scribbles."""
+    from s2l_core.samples import TrainSample
     from s2l_core.scribbles import synthesize_scribbles
-    from s2l_core.train import TrainSample
 
     def build(n: int = 4, ratio: float = 0.5, shape=(96, 96), offset: int = 0):
         samples = []

@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 from conftest import BrightNet
 
-from s2l_core.train import TrainConfig
+from s2l_core.config import TrainConfig
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 

@@ -12,10 +12,12 @@ import pytest
 import torch
 
 from s2l_core.augment import AugmentConfig
+from s2l_core.checkpoint import load_checkpoint
+from s2l_core.config import TrainConfig
 from s2l_core.infer import predict_foreground
 from s2l_core.metrics import foreground_iou
 from s2l_core.predict import load_model
-from s2l_core.train import TrainConfig, Trainer, load_checkpoint
+from s2l_core.train import Trainer
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 

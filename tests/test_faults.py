@@ -24,10 +24,11 @@ import torch
 from conftest import synthetic_nuclei
 
 from s2l_core.cli import main
+from s2l_core.config import TrainConfig
 from s2l_core.data import DataError, PreparedDataset, fetch_archive
 from s2l_core.files import read_json, remove_stale, write_image
 from s2l_core.scribbles import ScribbleSet, synthesize_scribbles
-from s2l_core.train import TrainConfig, Trainer
+from s2l_core.train import Trainer
 
 TESTS = Path(__file__).resolve().parent
 HOOKED = "import fault_hooks; fault_hooks.main()"
@@ -167,7 +168,7 @@ def test_overwrite_replaces_only_what_predict_wrote(checkpoint, tmp_path, capsys
     mine = (other / "a.png").read_bytes()
     out = ["predict", str(checkpoint), str(images), str(other), "--overwrite", "--quiet"]
     assert main(out) == 2
-    _one_error_line(capsys.readouterr().err, "a.png", "no earlier s2l predict wrote")
+    _one_error_line(capsys.readouterr().err, "a.png", "no earlier s2l predict or label export")
     assert (other / "a.png").read_bytes() == mine and not (other / "b.png").exists()
 
 

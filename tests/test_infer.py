@@ -2,13 +2,24 @@
 
 from __future__ import annotations
 
+from functools import partial
+
 import numpy as np
 import pytest
 import torch
 from conftest import BrightNet
 from torch import nn
 
-from s2l_core.infer import DIHEDRAL, autocast_context, dihedral, predict_foreground, undo_dihedral
+from s2l_core.infer import (
+    DIHEDRAL,
+    autocast_context,
+    dihedral,
+    predict_dihedral,
+    predict_foreground,
+    predict_rescaled,
+    predict_tiled,
+    undo_dihedral,
+)
 from s2l_core.model import UNet
 from s2l_core.predict import (
     Preset,
@@ -325,17 +336,27 @@ def test_tta_reuses_a_given_identity_view_and_checks_it():
     image = np.random.default_rng(1).random((3, 40, 56)).astype(np.float32)
     plain = predict_foreground(net, image)
     np.testing.assert_array_equal(
-        predict_foreground(net, image, tta=True, identity=plain),
+        predict_dihedral(partial(predict_tiled, net), image, identity=plain),
         predict_foreground(net, image, tta=True),
     )
     model = BrightNet()
-    predict_foreground(model, image, tta=True, identity=np.zeros((40, 56), np.float32))
+    predict_dihedral(partial(predict_tiled, model), image, identity=np.zeros((40, 56), np.float32))
     assert len(model.seen) == 7
-    for kwargs in ({}, {"tta": True, "scale": 2.0}):
-        with pytest.raises(ValueError, match="needs both"):
-            predict_foreground(BrightNet(), image, identity=plain, **kwargs)
     with pytest.raises(ValueError, match=r"identity has shape \(40, 55\)"):
-        predict_foreground(BrightNet(), image, tta=True, identity=plain[:, :55])
+        predict_dihedral(partial(predict_tiled, BrightNet()), image, identity=plain[:, :55])
+
+
+def test_the_pieces_compose_into_predict_foreground():
+    """Rescaling around test-time augmentation around one pass: predict_foreground."""
+    torch.manual_seed(0)
+    net = UNet(base_channels=8, depth=2).eval()
+    image = np.random.default_rng(2).random((3, 48, 40)).astype(np.float32)
+    plain = partial(predict_tiled, net, tile=32, overlap=8)
+    composed = predict_rescaled(partial(predict_dihedral, plain), image, 1.5)
+    np.testing.assert_array_equal(
+        composed, predict_foreground(net, image, tile=32, overlap=8, scale=1.5, tta=True)
+    )
+    assert composed.shape == (48, 40)
 
 
 def test_preset_defaults_checks_and_checkpoint_round_trip():

@@ -8,12 +8,13 @@ import torch
 from conftest import synthetic_nuclei
 
 from s2l_core.augment import AugmentConfig
+from s2l_core.checkpoint import load_checkpoint
+from s2l_core.config import TrainConfig
 from s2l_core.files import read_image
 from s2l_core.infer import predict_foreground
 from s2l_core.loop import AnnotationLoop, Round, uncertainty
 from s2l_core.predict import MIN_AUTO_SCALE, Preset, load_model
 from s2l_core.scribbles import UNLABELLED, read_scribble, synthesize_scribbles
-from s2l_core.train import TrainConfig, load_checkpoint
 
 SMALL = TrainConfig(
     epochs=2, batch_size=2, samples_per_epoch=4, warmup_epochs=1, ema_every=1, ema_start=0,
@@ -49,6 +50,20 @@ def test_two_rounds_keep_their_scribbles_and_continue(tmp_path):
     written = loop.export_labels(tmp_path / "labels")
     assert sorted(p.name for p in written) == ["img0.tif", "img1.tif", "img2.tif"]
     assert read_image(written[0]).shape == (80, 96)
+    # Exporting again replaces the earlier export's files, beside a file of the user's.
+    (tmp_path / "labels" / "notes.txt").write_text("mine")
+    (tmp_path / "labels" / "img0.tif").write_bytes(b"stale")
+    assert loop.export_labels(tmp_path / "labels") == written
+    assert read_image(written[0]).shape == (80, 96)
+    assert (tmp_path / "labels" / "notes.txt").read_text() == "mine"
+    # A file of an output's name that no export wrote is never replaced.
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "img1.tif").write_bytes(b"my own image")
+    with pytest.raises(ValueError, match=r"img1\.tif\. Only files listed in its s2l_predict"):
+        loop.export_labels(mine)
+    assert (mine / "img1.tif").read_bytes() == b"my own image"
+    assert sorted(p.name for p in mine.iterdir()) == ["img1.tif"]
 
 
 def test_loop_works_on_one_channel_of_multichannel_images(tmp_path):
@@ -76,8 +91,15 @@ def test_loop_errors(tmp_path):
     assert not (tmp_path / "round_01").exists()  # a refused round writes nothing
     with pytest.raises(RuntimeError, match="run a round"):
         loop.export_labels(tmp_path / "out")
-    with pytest.raises(FileNotFoundError, match="image folder not found"):
+    with pytest.raises(FileNotFoundError, match="folder not found"):
         AnnotationLoop(tmp_path / "nope", tmp_path)
+    # Two files of one name would be one image to the loop: refused, naming both.
+    folder = tmp_path / "twins"
+    folder.mkdir()
+    for name in ("a.png", "a.tif", "b.png"):
+        (folder / name).write_bytes(b"")
+    with pytest.raises(ValueError, match=r"share a name.*a\.png and a\.tif"):
+        AnnotationLoop(folder, tmp_path)
 
 
 def test_rounds_predict_with_the_loops_scale_and_tta(tmp_path):

@@ -10,11 +10,11 @@ import pytest
 import torch
 
 from s2l_core.augment import normalize_image
+from s2l_core.config import TrainConfig
 from s2l_core.infer import predict_foreground
 from s2l_core.metrics import foreground_iou
 from s2l_core.model import count_parameters
 from s2l_core.predict import Preset, load_model, predict_image, predict_probability
-from s2l_core.train import TrainConfig
 
 REFERENCE = Path(__file__).resolve().parents[1] / "book" / "reference"
 CHECKPOINT = REFERENCE / "s2l_fluorescence_r030.pt"

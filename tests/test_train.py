@@ -11,6 +11,8 @@ from scipy import ndimage as ndi
 
 from s2l_core.augment import AugmentConfig
 from s2l_core.baselines import RandomForestSegmenter
+from s2l_core.checkpoint import load_checkpoint
+from s2l_core.config import PROFILES, TrainConfig
 from s2l_core.metrics import f1_at, foreground_iou
 from s2l_core.predict import (
     Preset,
@@ -20,7 +22,8 @@ from s2l_core.predict import (
     load_model,
     predict_folder,
 )
-from s2l_core.train import PROFILES, TrainConfig, Trainer, TrainSample, load_checkpoint
+from s2l_core.samples import TrainSample
+from s2l_core.train import Trainer
 
 TINY = dict(
     epochs=4, batch_size=2, samples_per_epoch=4, warmup_epochs=1, ema_every=1, ema_start=0,
@@ -191,15 +194,16 @@ def test_dice_term_is_logged_and_changes_training(synthetic_samples):
 
 
 def test_dice_targets_are_scribbles_then_confident_pseudo_labels(synthetic_samples):
-    trainer = _trainer(synthetic_samples(1), epochs=1, dice=1.0, tau=0.8)
+    from s2l_core.losses import dice_targets
+
     scribble = torch.tensor([[[1, 0, 250, 250, 250, 1]]])
     ema = torch.tensor([[[0.0, 1.0, 0.9, 0.1, 0.5, 0.0]]])
     valid = torch.tensor([[[True, True, True, True, True, False]]])
-    merged = trainer._dice_targets(scribble, ema, valid, use_pseudo=True)
+    merged = dice_targets(scribble, ema, valid, tau=0.8)
     # scribbles win over the EMA; unscribbled pixels get 1 above tau, 0 below 1 - tau,
     # nothing in between; invalid pixels nothing at all
     assert merged.tolist() == [[[1, 0, 1, 0, 250, 250]]]
-    warmup = trainer._dice_targets(scribble, None, valid, use_pseudo=False)
+    warmup = dice_targets(scribble, None, valid, tau=0.8)
     assert warmup.tolist() == [[[1, 0, 250, 250, 250, 250]]]
 
 
@@ -548,7 +552,7 @@ def test_loaded_model_predicts_like_the_trainer(synthetic_samples, tmp_path):
 
 
 def test_compress_weights_by_hand():
-    from s2l_core.train import compress_weights
+    from s2l_core.checkpoint import compress_weights
 
     w = torch.tensor([[[[1.0, -0.25]]], [[[0.0, 0.0]]], [[[0.01, 0.04]]]])  # (3, 1, 1, 2)
     stored, scales = compress_weights({"w": w, "b": torch.ones(3), "n": torch.tensor(7)}, "int8")
@@ -596,7 +600,7 @@ def test_smaller_checkpoints_load_as_float32_and_predict_alike(
 
 @pytest.mark.slow
 def test_smoke_training_on_real_images(prepared, scribble_set, tmp_path):
-    from s2l_core.train import load_samples
+    from s2l_core.samples import load_samples
 
     train_ids = prepared.ids("fluorescence", "train")[:4]
     train = load_samples(prepared, train_ids, scribble_set, 0.3)
@@ -622,7 +626,7 @@ def test_cpu_bf16_trains_in_bfloat16_only_where_the_cpu_has_it(
     """With ``cpu_bf16`` and a CPU that computes bfloat16 natively, the network's
     forward pass runs in bfloat16 (its logits come out so), training learns and the same
     seed gives the same run; on a CPU without it, training stays in float32 and says so."""
-    import s2l_core.train as train_module
+    import s2l_core.runtime as train_module  # where the CPU is asked
 
     train = synthetic_samples(3)
     seen = []

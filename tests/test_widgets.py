@@ -569,6 +569,11 @@ def test_session_refuses_bad_folders_and_files(folder, tmp_path):
     with pytest.raises(ValueError, match=r"share the scribble file a\.png"):
         ScribbleSession(images, scribbles)
     (images / "a.tif").unlink()
+    # Scribbles saved into the images' folder would replace a.png and c.png.
+    before = (images / "a.png").read_bytes()
+    with pytest.raises(ValueError, match=r"scribbles of a\.png would be saved over the image"):
+        ScribbleSession(images, images)
+    assert (images / "a.png").read_bytes() == before
 
     session = ScribbleSession(images, scribbles)
     (scribbles / "b.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")  # corrupt

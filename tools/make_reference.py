@@ -30,10 +30,13 @@ import pandas as pd
 import torch
 
 from s2l_core import data, scribbles
+from s2l_core.checkpoint import load_checkpoint
+from s2l_core.config import TrainConfig
 from s2l_core.evaluate import SCORES
 from s2l_core.files import atomic_path, write_json
 from s2l_core.predict import Preset, load_model
-from s2l_core.train import TrainConfig, Trainer, load_checkpoint, load_samples
+from s2l_core.samples import load_samples
+from s2l_core.train import Trainer
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
