@@ -177,9 +177,7 @@ class AugmentConfig:
         positive adds a haze, negative a shading. ``(0, 0)``, the default, adds none and
         draws no random number. ``(-0.2, 0.5)``, which the ``cpu`` and ``full`` training
         profiles use (:data:`s2l_core.config.ILLUMINATION`), teaches the network that
-        uneven illumination is not a nucleus: with the ``cpu`` profile it raised
-        fluorescence test IoU from 0.842 to 0.852 and AP from 0.531 to 0.557
-        (validation IoU 0.818 to 0.833).
+        uneven illumination is not a nucleus (``benchmarks/results/variants/``).
     p_illumination : float
         Probability of an illumination field, when ``illumination`` is not ``(0, 0)``.
     gamma : tuple of float
@@ -189,8 +187,8 @@ class AugmentConfig:
         network has to judge by shape rather than by brightness — for images whose
         display curves differ, which a per-image linear normalisation does not undo.
         ``(1, 1)``, the default, changes nothing and draws no random number. Not in any
-        profile: on BBBC038 fluorescence, where brightness is evidence, ``(0.5, 2)``
-        lowered test IoU from 0.852 to 0.840 (``cpu`` profile, one run).
+        profile: on BBBC038 fluorescence, where brightness is evidence, it lowered the
+        test IoU (``benchmarks/results/variants/gamma_cpu.md``).
     p_gamma : float
         Probability of a gamma correction, when ``gamma`` is not ``(1, 1)``.
     blur : tuple of float

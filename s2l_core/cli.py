@@ -221,27 +221,21 @@ def smooth_argument(text: str) -> float:
 
 
 def _predict(args: argparse.Namespace) -> int:
-    from s2l_core.predict import predict_folder
+    from s2l_core.predict import FolderOutput, Preset, predict_folder
 
-    written = predict_folder(
-        args.checkpoint,
-        args.input_dir,
-        args.output_dir,
-        mode=args.mode,
-        device=args.device,
-        suffix=args.format,
+    # The checkpoint's preset, with the settings given on the command line.
+    preset = Preset.of_checkpoint(args.checkpoint).but(
+        threshold=args.threshold, method=args.method, min_size=args.min_size,
+        scale=args.scale, min_peak=args.min_peak, tta=args.tta, smooth=args.smooth,
+    )  # fmt: skip
+    output = FolderOutput(
+        mode=args.mode, suffix=args.format, probability=args.probability,
         overwrite=args.overwrite,
-        save_probability=args.probability,
-        progress=not args.quiet,
-        channel=args.channel,
-        threshold=args.threshold,
-        method=args.method,
-        min_size=args.min_size,
-        scale=args.scale,
-        min_peak=args.min_peak,
-        tta=args.tta,
-        smooth=args.smooth,
-    )
+    )  # fmt: skip
+    written = predict_folder(
+        args.checkpoint, args.input_dir, args.output_dir, preset=preset, output=output,
+        channel=args.channel, device=args.device, progress=not args.quiet,
+    )  # fmt: skip
     print(f"wrote {len(written)} label images to {args.output_dir}")
     return 0
 
@@ -324,22 +318,21 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     tr.add_argument(
         "--affinity", type=float,
-        help="weight of the local affinity regulariser (an extension; 0 = off, the "
-        "default; 2 was measured on fluorescence)",
+        help="weight of the local affinity regulariser (an extension; default 0: off)",
     )  # fmt: skip
     tr.add_argument(
         "--affinity-sigma", type=float,
-        help="its intensity scale (default 0.1; 0.05 was measured on fluorescence)",
+        help="its intensity scale (default 0.1)",
     )  # fmt: skip
     tr.add_argument(
         "--dice", type=float,
         help="weight of a soft Dice term on scribbles and pseudo-labels (an extension; "
-        "0 = off, the default; 0.5 was measured on fluorescence)",
+        "default 0: off)",
     )  # fmt: skip
     tr.add_argument(
         "--cpu-bf16", action="store_true",
-        help="train in bfloat16 on a CPU that computes it natively (AVX512-BF16 or AMX): "
-        "runs about 1.5x faster; elsewhere float32",
+        help="train in bfloat16 on a CPU that computes it natively (AVX512-BF16 or AMX), "
+        "which is faster; elsewhere float32",
     )  # fmt: skip
     tr.add_argument("--device", default="auto", help="auto, cpu or cuda")
     tr.add_argument(

@@ -9,8 +9,7 @@ image. Two kinds of input appear:
   Labels need not be consecutive; negative labels, floating-point and boolean arrays are
   rejected with an error that says so.
 
-What the original code reports (see ``method.md`` §5), reproduced for comparability with
-the paper:
+What the original code reports, reproduced for comparability with the paper:
 
 - :func:`foreground_iou`: foreground IoU with smoothing ``1e-6`` (empty vs empty is 1);
 - :func:`original_mdice`: its object-level "mDice", quirks included.

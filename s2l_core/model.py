@@ -1,7 +1,7 @@
 """The segmentation network: a U-Net built for speed on a CPU.
 
 Scribble2Label trains a U-Net with two output classes (background, foreground) on random
-256×256 crops (method notes §3). The original uses a ResNet-50 encoder with ImageNet
+256×256 crops. The original uses a ResNet-50 encoder with ImageNet
 weights; on machines without internet, and on a CPU, a network trained from scratch has
 to serve. This module holds that network, :class:`UNet`, and an optional adapter,
 :func:`build_smp_unet`, for the paper's network from ``segmentation_models_pytorch``.
@@ -23,11 +23,9 @@ arithmetic. :class:`UNet` does no convolution at full resolution:
   upsampling, and a smooth one, which suits the round outlines of nuclei. The
   alternative ``head_upsample="shuffle"`` predicts ``2 · 2 · 2`` channels and
   rearranges them into 2×2 output blocks (:class:`torch.nn.PixelShuffle`, a learned
-  sub-pixel upsampling) at the same cost; in one short run each on fluorescence images
-  (80 steps of 16 crops, full masks) bilinear reached a test IoU of 0.76, shuffle 0.71.
+  sub-pixel upsampling) at the same cost, and learned less well in a short comparison.
 * **Transposed-convolution upsampling** (2×2, stride 2, as in the original U-Net) in the
-  decoder, measured faster here than nearest-neighbour upsampling followed by a wider
-  convolution.
+  decoder, faster than nearest-neighbour upsampling followed by a wider convolution.
 * **Channels-last memory format** (:func:`prepare_model`): oneDNN's convolutions run
   faster on NHWC tensors.
 
@@ -36,10 +34,10 @@ With ``stem_factor=1`` the same class is a plain U-Net (the reference configurat
 
 Normalisation: batch norm by default. With batches of 16 or more crops of 256×256,
 each channel's statistics are taken over a million values, so they are stable; batch
-norm is the original's choice, was measured about 8 % faster than group norm here, and
-folds into the convolution at inference. ``norm="group"`` is there for very small
-batches. torch.compile (:func:`prepare_model` with ``compile=True``) was measured to give
-no gain on this CPU for a minute of compilation, so it is off by default.
+norm is the original's choice, faster than group norm, and folds into the convolution at
+inference. ``norm="group"`` is there for very small batches. torch.compile
+(:func:`prepare_model` with ``compile=True``) is off by default: on a CPU it gave no gain
+for a minute of compilation.
 
 Default configuration
 ---------------------
@@ -47,13 +45,9 @@ Default configuration
 after the stem, so :attr:`UNet.size_multiple` is 32), widths 24, 48, 96, 192, 256
 (doubling from ``base_channels=24``, capped at ``max_channels=256``), batch norm: about
 3.3 million parameters, 1.7 GMAC per 256×256 crop (a plain 16-channel U-Net: 1.9 million
-parameters, 3.0 GMAC, spent mostly at full resolution). Training at 256×256, batch 16,
-2 threads, channels-last, on the project's 2-core CPU (``benchmarks/bench_model.py``,
-medians, shared machine): about 14 crops/s and 1.2 GB peak RSS, against 6.4 crops/s and
-2.0 GB for the plain 16-channel U-Net. ``UNet(base_channels=16)`` (1.9 million parameters)
-ran about 31 crops/s. In bfloat16 (``TrainConfig.cpu_bf16``, on a CPU that computes it
-natively, as this one does) the default network ran 26 crops/s against 16 in float32 in
-the same run, with 0.9 GB peak RSS and inference 1.8 times as fast.
+parameters, 3.0 GMAC, spent mostly at full resolution). Its training speed and memory
+on a CPU, in float32 and bfloat16, beside the plain U-Net's:
+``benchmarks/results/speed/model.json``.
 """
 
 from __future__ import annotations

@@ -56,6 +56,7 @@ __all__ = [
     "MIN_PEAK",
     "SCALE_RANGE",
     "SMOOTH",
+    "FolderOutput",
     "Preset",
     "auto_scale",
     "check_min_peak",
@@ -460,7 +461,7 @@ class Preset:
 
     A checkpoint may store one (``extra["preset"]``, written by ``s2l train`` and
     ``tools/make_reference.py``); :func:`predict_image`, :func:`predict_folder`,
-    ``s2l predict`` and :class:`s2l_core.loop.AnnotationLoop` use the checkpoint's
+    ``s2l predict`` and :class:`s2l_core.annotation.AnnotationLoop` use the checkpoint's
     preset, or these defaults, for every setting they are not given. The defaults are
     the settings that score best on images of acquisitions the network never saw
     (``benchmarks/results/generalization/``).
@@ -527,9 +528,11 @@ class Preset:
         return cls(**d)
 
     @classmethod
-    def of_checkpoint(cls, state: dict) -> Preset:
+    def of_checkpoint(cls, state: dict | str | os.PathLike) -> Preset:
         """The preset a checkpoint stores (``state["extra"]["preset"]``), else the
-        defaults."""
+        defaults; ``state`` is a loaded checkpoint or the path of one."""
+        if not isinstance(state, dict):
+            state = load_checkpoint(state)
         stored = (state.get("extra") or {}).get("preset")
         if stored is None:
             return cls()
@@ -917,19 +920,56 @@ def record_outputs(output_dir: Path, record: dict, owned: set[str]) -> None:
     write_json(output_dir / MANIFEST, dict(record, written_before=before))
 
 
+@dataclass(frozen=True)
+class FolderOutput:
+    """How :func:`predict_folder` writes its results.
+
+    Attributes
+    ----------
+    mode : {"instance", "semantic"}
+        Instance labels (``uint16``: 0 background, one number per nucleus) or a 0/1
+        foreground mask.
+    suffix : {".tif", ".png"} or None
+        Output format; ``None``: the input file's own suffix for PNG and TIFF inputs,
+        ``".tif"`` otherwise.
+    probability : bool
+        Also write ``<name>_prob.tif`` (``float32``).
+    overwrite : bool
+        Write into a folder that holds the results of an earlier run, replacing the
+        files that run wrote (those listed in its ``s2l_predict.json``). Other files are
+        never replaced or removed: a name this run would write that belongs to a file no
+        earlier run wrote is an error, before any work.
+
+    Raises
+    ------
+    ValueError
+        An unknown ``mode`` or ``suffix``.
+    """
+
+    mode: str = "instance"
+    suffix: str | None = None
+    probability: bool = False
+    overwrite: bool = False
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("instance", "semantic"):
+            raise ValueError(f"mode must be 'instance' or 'semantic', got {self.mode!r}")
+        if self.suffix is not None and self.suffix.lower() not in (".tif", ".tiff", ".png"):
+            raise ValueError(
+                f"suffix must be '.tif' or '.png' (or None: as the input), got {self.suffix!r}"
+            )
+
+
 def predict_folder(
     checkpoint: str | os.PathLike,
     input_dir: str | os.PathLike,
     output_dir: str | os.PathLike,
     *,
-    mode: str = "instance",
-    device: str | torch.device = "auto",
-    suffix: str | None = None,
-    overwrite: bool = False,
-    save_probability: bool = False,
-    progress: bool = True,
+    preset: Preset | None = None,
+    output: FolderOutput | None = None,
     channel: int | None = None,
-    **settings: Any,
+    device: str | torch.device = "auto",
+    progress: bool = True,
 ) -> list[Path]:
     """Predict every image of a folder into label images with the same names.
 
@@ -938,30 +978,20 @@ def predict_folder(
     checkpoint : str or os.PathLike
         A checkpoint of this package.
     input_dir, output_dir : str or os.PathLike
-        Folders. ``output_dir`` must be new or empty, unless ``overwrite``.
-    mode : {"instance", "semantic"}, optional
-        Instance labels (``uint16``) or a 0/1 foreground mask.
-    device : str or torch.device, optional
-        ``"auto"``, ``"cpu"`` or ``"cuda"``.
-    suffix : str, optional
-        Output format, ``".tif"`` or ``".png"``; default: the input file's own suffix
-        for PNG and TIFF inputs, ``".tif"`` otherwise.
-    overwrite : bool, optional
-        Write into a folder that holds the results of an earlier run, replacing the
-        files that run wrote (those listed in its ``s2l_predict.json``). Other files are
-        never replaced or removed: a name this run would write that belongs to a file
-        the earlier run did not write is an error, before any work.
-    save_probability : bool, optional
-        Also write ``<name>_prob.tif`` (``float32``).
-    progress : bool, optional
-        Show a progress bar.
+        Folders. ``output_dir`` must be new or empty, unless ``output.overwrite``.
+    preset : Preset, optional
+        How the network's prediction becomes labels; default the checkpoint's
+        (:meth:`Preset.of_checkpoint`). To change one setting of it:
+        ``Preset.of_checkpoint(checkpoint).but(scale=1.0)``.
+    output : FolderOutput, optional
+        What to write and how (default: instance labels in the input's format).
     channel : int, optional
         Take this channel of multi-channel images; default: the channel the checkpoint
         was trained on (``s2l train --channel``), if any.
-    **settings
-        Settings of :class:`Preset` (``threshold``, ``method``, ``min_size``,
-        ``min_peak``, ``smooth``, ``scale``, ``diameter``, ``tta``) that replace the
-        checkpoint's preset (:meth:`Preset.of_checkpoint`); ``None`` keeps it.
+    device : str or torch.device, optional
+        ``"auto"``, ``"cpu"`` or ``"cuda"``.
+    progress : bool, optional
+        Show a progress bar.
 
     Returns
     -------
@@ -972,10 +1002,10 @@ def predict_folder(
     ------
     FileNotFoundError, ValueError
         Missing or incompatible checkpoint, missing or empty input folder, unreadable
-        image (named), a bad option, two inputs whose outputs would share a name, or an
-        output folder that is the input folder, a file, not empty (without
-        ``overwrite``) or holds files of the output names that no earlier run wrote.
-        Everything but an unreadable image is found before any image is read.
+        image (named), two inputs whose outputs would share a name, or an output folder
+        that is the input folder, a file, not empty (without ``overwrite``) or holds
+        files of the output names that no earlier run wrote. Everything but an
+        unreadable image is found before any image is read.
     OSError
         An output folder that cannot be written (found before any work) or a full disk.
 
@@ -985,19 +1015,15 @@ def predict_folder(
     done; into an existing folder the results are moved only when every image is done,
     and ``s2l_predict.json``, written last, records them (``"complete": true``).
     """
-    if mode not in ("instance", "semantic"):
-        raise ValueError(f"mode must be 'instance' or 'semantic', got {mode!r}")
-    # Checked before any image is read, so that no image is blamed for a bad option.
-    Preset().but(**settings)
-    if suffix is not None and suffix.lower() not in (".tif", ".tiff", ".png"):
-        raise ValueError(f"suffix must be '.tif' or '.png' (or None: as the input), got {suffix!r}")
+    output = output or FolderOutput()
+    mode = output.mode
     files = list_images(input_dir)
-    plan = _output_plan(files, suffix, save_probability)
+    plan = _output_plan(files, output.suffix, output.probability)
     output_dir = Path(output_dir)
     names = [n for _, *pair in plan for n in pair if n]
-    owned = _check_output_dir(output_dir, Path(input_dir), names, overwrite)
+    owned = _check_output_dir(output_dir, Path(input_dir), names, output.overwrite)
     model, state = load_model(checkpoint, device)
-    preset = Preset.of_checkpoint(state).but(**settings)
+    preset = preset or Preset.of_checkpoint(state)
     device = next(model.parameters()).device
     if channel is None:
         channel = (state.get("extra") or {}).get("channel")

@@ -15,6 +15,7 @@ from s2l_core.checkpoint import load_checkpoint
 from s2l_core.config import PROFILES, TrainConfig
 from s2l_core.metrics import f1_at, foreground_iou
 from s2l_core.predict import (
+    FolderOutput,
     Preset,
     check_smooth,
     check_threshold,
@@ -479,19 +480,21 @@ def test_predict_folder_of_mixed_images(tiny_checkpoint, tmp_path):
     with pytest.raises(ValueError, match="not empty"):
         predict_folder(tiny_checkpoint, src, out, progress=False, device="cpu")
     semantic = predict_folder(
-        tiny_checkpoint, src, tmp_path / "sem", mode="semantic", progress=False, device="cpu"
-    )
+        tiny_checkpoint, src, tmp_path / "sem", output=FolderOutput(mode="semantic"),
+        progress=False, device="cpu",
+    )  # fmt: skip
     assert set(np.unique(read_image(semantic[0]))) <= {0, 1}
     magnified = predict_folder(
-        tiny_checkpoint, src, tmp_path / "auto", scale="auto", progress=False, device="cpu"
-    )
+        tiny_checkpoint, src, tmp_path / "auto", preset=Preset(scale="auto"), progress=False,
+        device="cpu",
+    )  # fmt: skip
     assert all(read_image(p).shape == (70, 90) for p in magnified)
     settings = read_json(tmp_path / "auto" / "s2l_predict.json")["preset"]
     assert settings["scale"] == "auto" and settings == Preset().to_dict()
+    preset = Preset.of_checkpoint(tiny_checkpoint).but(scale=1.0, tta=False, min_peak=0)
     plain = predict_folder(
-        tiny_checkpoint, src, tmp_path / "plain", scale=1.0, tta=False, min_peak=0,
-        progress=False, device="cpu",
-    )  # fmt: skip
+        tiny_checkpoint, src, tmp_path / "plain", preset=preset, progress=False, device="cpu"
+    )
     settings = read_json(tmp_path / "plain" / "s2l_predict.json")["preset"]
     assert settings == Preset(scale=1.0, tta=False, min_peak=0.0).to_dict()
     assert len(plain) == 4
@@ -518,23 +521,21 @@ def test_predict_folder_errors_leave_no_partial_output(tiny_checkpoint, tmp_path
     with pytest.raises(ValueError, match=r"c\.tif: expected an image of shape .* --channel"):
         predict_folder(tiny_checkpoint, src, tmp_path / "out3", progress=False, device="cpu")
     assert not (tmp_path / "out3").exists()
-    # A bad scale is refused before any image is read, and no image is blamed for it.
-    with pytest.raises(
-        ValueError, match=r"^scale must be a number from 0.0625 to 16 or 'auto', got 'x2'"
+    # Bad settings are refused by the preset and the output options, before any image
+    # is read, and no image is blamed for them.
+    for settings, message in (
+        ({"scale": "x2"}, r"^scale must be a number from 0.0625 to 16 or 'auto', got 'x2'"),
+        ({"min_peak": 1.5}, r"^min_peak must be a probability in \[0, 1\] or None"),
+        ({"threshold": 1}, r"^threshold must be a probability in \(0, 1\), got 1"),
+        ({"method": "blobs"}, r"^method must be 'watershed' or 'components'"),
+        ({"min_size": -1}, r"^min_size must be a whole number of pixels >= 0"),
     ):
-        predict_folder(tiny_checkpoint, src, tmp_path / "out4", progress=False, scale="x2")
-    assert not (tmp_path / "out4").exists()
-    with pytest.raises(ValueError, match=r"^min_peak must be a probability in \[0, 1\] or None"):
-        predict_folder(tiny_checkpoint, src, tmp_path / "out5", progress=False, min_peak=1.5)
-    assert not (tmp_path / "out5").exists()
-    with pytest.raises(ValueError, match=r"^threshold must be a probability in \(0, 1\), got 1"):
-        predict_folder(tiny_checkpoint, src, tmp_path / "out6", progress=False, threshold=1)
-    with pytest.raises(ValueError, match=r"^method must be 'watershed' or 'components'"):
-        predict_folder(tiny_checkpoint, src, tmp_path / "out6", progress=False, method="blobs")
+        with pytest.raises(ValueError, match=message):
+            Preset.of_checkpoint(tiny_checkpoint).but(**settings)
     with pytest.raises(ValueError, match=r"^suffix must be '\.tif' or '\.png'.*got 'tif'"):
-        predict_folder(tiny_checkpoint, src, tmp_path / "out6", progress=False, suffix="tif")
-    with pytest.raises(ValueError, match=r"^min_size must be a whole number of pixels >= 0"):
-        predict_folder(tiny_checkpoint, src, tmp_path / "out6", progress=False, min_size=-1)
+        FolderOutput(suffix="tif")
+    with pytest.raises(ValueError, match=r"^mode must be 'instance' or 'semantic'"):
+        FolderOutput(mode="labels")
     assert not (tmp_path / "out6").exists()
 
 

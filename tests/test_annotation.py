@@ -7,12 +7,12 @@ import pytest
 import torch
 from conftest import synthetic_nuclei
 
+from s2l_core.annotation import AnnotationLoop, Round, uncertainty
 from s2l_core.augment import AugmentConfig
 from s2l_core.checkpoint import load_checkpoint
 from s2l_core.config import TrainConfig
 from s2l_core.files import read_image
 from s2l_core.infer import predict_foreground
-from s2l_core.loop import AnnotationLoop, Round, uncertainty
 from s2l_core.predict import MIN_AUTO_SCALE, Preset, load_model
 from s2l_core.scribbles import UNLABELLED, read_scribble, synthesize_scribbles
 
@@ -106,15 +106,17 @@ def test_rounds_predict_with_the_loops_scale_and_tta(tmp_path):
     image, labels = synthetic_nuclei(0, (64, 80))
     scribbles = {"a": synthesize_scribbles(labels, 0.3, seed=0).scribble}
     plain = AnnotationLoop(
-        {"a": image}, tmp_path / "plain", config=SMALL, device="cpu", scale=1.0, tta=False
-    )
+        {"a": image}, tmp_path / "plain", config=SMALL, device="cpu",
+        preset=Preset(scale=1.0, tta=False),
+    )  # fmt: skip
     assert plain.run_round(scribbles, epochs=1).scales == {"a": 1.0}
     assert load_model(plain.rounds[0].checkpoint)[1]["extra"]["preset"] == (
         Preset(scale=1.0, tta=False).to_dict()
     )
     loop = AnnotationLoop(
-        {"a": image}, tmp_path / "work", config=SMALL, device="cpu", scale=2, tta=True
-    )
+        {"a": image}, tmp_path / "work", config=SMALL, device="cpu",
+        preset=Preset(scale=2, tta=True),
+    )  # fmt: skip
     round_ = loop.run_round(scribbles, epochs=1)
     assert round_.scales == {"a": 2.0}
     model, _ = load_model(round_.checkpoint, "cpu")
@@ -122,7 +124,7 @@ def test_rounds_predict_with_the_loops_scale_and_tta(tmp_path):
     expected = predict_foreground(model, x, scale=2.0, tta=True)
     np.testing.assert_allclose(round_.probabilities["a"], expected, atol=1e-5)
     assert not np.allclose(expected, predict_foreground(model, x, scale=2.0), atol=1e-3)
-    auto = AnnotationLoop({"a": image}, tmp_path / "auto", config=SMALL, device="cpu", scale="auto")
+    auto = AnnotationLoop({"a": image}, tmp_path / "auto", config=SMALL, device="cpu")
     assert auto.preset == Preset()  # the defaults: the automatic scale, with TTA
     assert MIN_AUTO_SCALE <= auto.run_round(scribbles, epochs=1).scales["a"] <= 2.0
 
@@ -150,8 +152,8 @@ def test_export_labels_applies_min_peak_min_size_and_smooth(
     tmp_path, min_peak, min_size, smooth, expected
 ):
     loop = AnnotationLoop(
-        {"a": np.zeros((40, 70), np.uint8)}, tmp_path, config=SMALL, min_peak=min_peak,
-        smooth=smooth,
+        {"a": np.zeros((40, 70), np.uint8)}, tmp_path, config=SMALL,
+        preset=Preset(min_peak=min_peak, smooth=smooth),
     )  # fmt: skip
     loop.rounds.append(Round(1, tmp_path, tmp_path / "model.pt", {"a": _three_squares()}))
     (path,) = loop.export_labels(tmp_path / "labels", method="components", min_size=min_size)
@@ -168,6 +170,6 @@ def test_export_labels_applies_min_peak_min_size_and_smooth(
         ({"smooth": -1.0}, "smooth must be a finite number of pixels >= 0, got -1.0"),
     ],
 )
-def test_loop_refuses_bad_prediction_options(tmp_path, kwargs, message):
+def test_the_preset_refuses_bad_prediction_options(kwargs, message):
     with pytest.raises(ValueError, match=message):
-        AnnotationLoop({"a": np.zeros((8, 8), np.uint8)}, tmp_path, config=SMALL, **kwargs)
+        Preset(**kwargs)

@@ -99,18 +99,14 @@ class AnnotationLoop:
         How every round predicts (``scale``, ``tta``, ``diameter``) and how
         :meth:`export_labels` turns probabilities into labels (``threshold``, ``method``,
         ``min_size``, ``min_peak``, ``smooth``); default :class:`s2l_core.predict.Preset`.
-        The probabilities always have the image's own size.
-    scale, tta, min_peak, smooth : optional
-        Settings that replace the preset's (``None`` keeps it); ``min_peak=0`` keeps
-        every region.
+        The probabilities always have the image's own size. To change one setting:
+        ``Preset().but(tta=False)``.
 
     Raises
     ------
     ValueError
-        No image, two image files of one name (``a.png`` and ``a.tif``), a channel the
-        images lack, or a setting the preset refuses (a
-        ``scale`` that is neither ``"auto"`` nor a positive number, a ``min_peak``
-        outside [0, 1], a negative ``smooth``).
+        No image, two image files of one name (``a.png`` and ``a.tif``), or a channel
+        the images lack.
     """
 
     def __init__(
@@ -123,14 +119,8 @@ class AnnotationLoop:
         device: str = "auto",
         channel: int | None = None,
         preset: Preset | None = None,
-        scale: float | str | None = None,
-        tta: bool | None = None,
-        min_peak: float | None = None,
-        smooth: float | None = None,
     ) -> None:
-        self.preset = (preset or Preset()).but(
-            scale=scale, tta=tta, min_peak=min_peak, smooth=smooth
-        )
+        self.preset = preset or Preset()
         if isinstance(images, Mapping):
             images = {str(k): np.asarray(v) for k, v in images.items()}
         else:
