@@ -13,8 +13,9 @@ import errno
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
-from s2l_core import data, scribbles
+from s2l_core import checks, data, scribbles
 from s2l_core.files import check_writable
 
 __all__ = ["main"]
@@ -171,53 +172,44 @@ def epochs_argument(text: str) -> int:
     return value
 
 
-def scale_argument(text: str) -> float | str:
-    """``--scale`` (an ``argparse`` type): ``auto`` or a number that
-    :func:`s2l_core.predict.check_scale` accepts."""
-    from s2l_core.predict import check_scale
-
-    if text == "auto":
-        return text
+def _checked(check: Callable[[float], Any], text: str, extra: str = "") -> Any:
+    """``text`` as a number that ``check`` (of :mod:`s2l_core.checks`) accepts, or an
+    argparse error with the check's own words."""
     try:
         value = float(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number or 'auto', got {text!r}") from None
+        raise argparse.ArgumentTypeError(f"expected a number{extra}, got {text!r}") from None
     try:
-        return check_scale(value)
+        return check(value)
     except ValueError as err:
         raise argparse.ArgumentTypeError(str(err)) from None
 
 
-def _number_in(text: str, inside: Callable[[float], bool], interval: str) -> float:
-    """``text`` as a number for which ``inside`` holds, or an argparse error naming
-    ``interval``."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not inside(value):  # False for NaN too
-        raise argparse.ArgumentTypeError(f"must lie in {interval}, got {text!r}")
-    return value
+def scale_argument(text: str) -> float | str:
+    """``--scale`` (an ``argparse`` type): ``auto``, or a number
+    :func:`s2l_core.checks.check_scale` accepts."""
+    return text if text == "auto" else _checked(checks.check_scale, text, " or 'auto'")
 
 
 def probability_argument(text: str) -> float:
-    """``--min-peak`` (an ``argparse`` type): a number in [0, 1]."""
-    return _number_in(text, lambda v: 0.0 <= v <= 1.0, "[0, 1]")
+    """``--min-peak`` (an ``argparse`` type): :func:`s2l_core.checks.check_min_peak`."""
+    return _checked(checks.check_min_peak, text)
 
 
 def ratio_argument(text: str) -> float:
-    """``--ratio`` and ``--ratios`` (an ``argparse`` type): a scribble ratio in (0, 1]."""
-    return _number_in(text, lambda v: 0.0 < v <= 1.0, "(0, 1]")
+    """``--ratio`` and ``--ratios`` (an ``argparse`` type): a scribble ratio,
+    :func:`s2l_core.checks.check_ratio`."""
+    return _checked(checks.check_ratio, text)
 
 
 def threshold_argument(text: str) -> float:
-    """``--threshold`` (an ``argparse`` type): a number in (0, 1)."""
-    return _number_in(text, lambda v: 0.0 < v < 1.0, "(0, 1)")
+    """``--threshold`` (an ``argparse`` type): :func:`s2l_core.checks.check_threshold`."""
+    return _checked(checks.check_threshold, text)
 
 
 def smooth_argument(text: str) -> float:
-    """``--smooth`` (an ``argparse`` type): a finite number of pixels, at least 0."""
-    return _number_in(text, lambda v: 0.0 <= v < float("inf"), "[0, inf)")
+    """``--smooth`` (an ``argparse`` type): :func:`s2l_core.checks.check_smooth`."""
+    return _checked(checks.check_smooth, text)
 
 
 def _predict(args: argparse.Namespace) -> int:

@@ -15,8 +15,7 @@ import numpy as np
 import torch
 
 from s2l_core.augment import AugmentConfig
-from s2l_core.checks import whole_number
-from s2l_core.losses import check_tau
+from s2l_core.checks import check_tau, whole_number
 from s2l_core.model import from_config, parameter_groups
 
 __all__ = ["ILLUMINATION", "PROFILES", "SELECTIONS", "TrainConfig"]

@@ -33,12 +33,12 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn.functional as F
 
+from s2l_core.checks import check_tau
 from s2l_core.encoding import BACKGROUND, FOREGROUND, UNLABELLED
 
 __all__ = [
     "LossParts",
     "affinity_loss",
-    "check_tau",
     "dice_loss",
     "dice_targets",
     "partial_cross_entropy",
@@ -117,28 +117,6 @@ def _check_valid(valid: torch.Tensor | None, shape: tuple[int, ...], device: tor
         raise ValueError(f"valid is on {valid.device} but expected {device}")
 
 
-def check_tau(tau: float) -> float:
-    """Validate the confidence threshold ``tau`` and return it as a float.
-
-    Parameters
-    ----------
-    tau : float
-        Confidence threshold; must lie in ``(0.5, 1]``. With ``tau <= 0.5`` a pixel
-        could be confident foreground and background at once.
-
-    Returns
-    -------
-    float
-        ``tau`` as a Python float.
-    """
-    if isinstance(tau, bool) or not isinstance(tau, (int, float)):
-        raise TypeError(f"tau must be a real number, got {type(tau).__name__}")
-    tau = float(tau)
-    if not (0.5 < tau <= 1.0):
-        raise ValueError(f"tau must lie in (0.5, 1], got {tau}")
-    return tau
-
-
 # --------------------------------------------------------------------------- losses
 
 
@@ -190,6 +168,8 @@ def pseudo_label_targets(
     scribbles: torch.Tensor,
     tau: float = 0.8,
     valid: torch.Tensor | None = None,
+    *,
+    check: bool = True,
 ) -> torch.Tensor:
     """Pseudo-label targets from the EMA of the foreground probability.
 
@@ -209,6 +189,9 @@ def pseudo_label_targets(
         Bool tensor of shape (N, H, W), same device. Pixels where it is ``False``
         (padding from augmentation, EMA entries never computed) get ``250`` and their
         EMA values are not checked (they may be anything, NaN included).
+    check : bool, default True
+        Check the inputs first (the value checks wait for the device). The training
+        step passes ``False``: its inputs were checked where they were made.
 
     Returns
     -------
@@ -223,7 +206,24 @@ def pseudo_label_targets(
         On wrong shapes, dtypes or devices, unknown scribble values, EMA values outside
         ``[0, 1]`` at valid pixels, or ``tau`` outside ``(0.5, 1]``.
     """
-    tau = check_tau(tau)
+    if check:
+        _check_pseudo_inputs(ema, scribbles, tau, valid)
+    usable = scribbles == UNLABELLED
+    if valid is not None:
+        usable = usable & valid
+    hi = torch.tensor(tau, dtype=ema.dtype, device=ema.device)
+    lo = torch.tensor(1.0 - tau, dtype=ema.dtype, device=ema.device)
+    targets = torch.full(ema.shape, UNLABELLED, dtype=torch.int64, device=ema.device)
+    targets[usable & (ema > hi)] = FOREGROUND
+    targets[usable & (ema < lo)] = BACKGROUND
+    return targets
+
+
+def _check_pseudo_inputs(
+    ema: torch.Tensor, scribbles: torch.Tensor, tau: float, valid: torch.Tensor | None
+) -> None:
+    """The checks of :func:`pseudo_label_targets`."""
+    check_tau(tau)
     if not isinstance(ema, torch.Tensor):
         raise TypeError(f"ema must be a torch.Tensor, got {type(ema).__name__}")
     if not ema.dtype.is_floating_point:
@@ -233,10 +233,6 @@ def pseudo_label_targets(
     shape = tuple(ema.shape)
     _check_label_map(scribbles, "scribbles", shape, ema.device)
     _check_valid(valid, shape, ema.device)
-
-    usable = scribbles == UNLABELLED
-    if valid is not None:
-        usable = usable & valid
     checked = ema if valid is None else ema[valid]
     in_range = (checked >= 0) & (checked <= 1)  # False for NaN as well
     if not bool(in_range.all()):
@@ -245,13 +241,6 @@ def pseudo_label_targets(
             f"ema must lie in [0, 1] at valid pixels; found {bad.numel()} value(s) outside, "
             f"e.g. {bad[:5].tolist()}"
         )
-
-    hi = torch.tensor(tau, dtype=ema.dtype, device=ema.device)
-    lo = torch.tensor(1.0 - tau, dtype=ema.dtype, device=ema.device)
-    targets = torch.full(shape, UNLABELLED, dtype=torch.int64, device=ema.device)
-    targets[usable & (ema > hi)] = FOREGROUND
-    targets[usable & (ema < lo)] = BACKGROUND
-    return targets
 
 
 def pseudo_label_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -313,6 +302,7 @@ def scribble2label_loss(
     lam: float = 0.5,
     use_pseudo: bool = True,
     valid: torch.Tensor | None = None,
+    check: bool = True,
 ) -> tuple[torch.Tensor, LossParts]:
     """The Scribble2Label training loss ``pCE + lam * CE(pseudo-labels)``.
 
@@ -334,6 +324,9 @@ def scribble2label_loss(
     valid : torch.Tensor or None, default None
         Bool tensor of shape (N, H, W). Pixels where it is ``False`` are ignored by
         both terms (scribbled or not).
+    check : bool, default True
+        Check the inputs first (the value checks wait for the device). The training
+        step passes ``False``: its inputs were checked where they were made.
 
     Returns
     -------
@@ -344,13 +337,14 @@ def scribble2label_loss(
         The two terms and the pixel counts as Python numbers (this synchronises with
         the device once per call).
     """
-    if isinstance(lam, bool) or not isinstance(lam, (int, float)):
-        raise TypeError(f"lam must be a real number, got {type(lam).__name__}")
-    if not (math.isfinite(lam) and lam >= 0):
-        raise ValueError(f"lam must be finite and >= 0, got {lam}")
-    tau = check_tau(tau)
-    shape = _check_logits_and_labels(logits, scribbles, "scribbles")
-    _check_valid(valid, shape, logits.device)
+    if check:
+        if isinstance(lam, bool) or not isinstance(lam, (int, float)):
+            raise TypeError(f"lam must be a real number, got {type(lam).__name__}")
+        if not (math.isfinite(lam) and lam >= 0):
+            raise ValueError(f"lam must be finite and >= 0, got {lam}")
+        tau = check_tau(tau)
+        shape = _check_logits_and_labels(logits, scribbles, "scribbles")
+        _check_valid(valid, shape, logits.device)
 
     if valid is not None:
         scribbles = torch.where(valid, scribbles.long(), UNLABELLED)
@@ -361,7 +355,7 @@ def scribble2label_loss(
         parts = LossParts(float(pce.detach()), 0.0, n_scribbled, 0, 0.0)
         return pce, parts
 
-    targets = pseudo_label_targets(ema, scribbles, tau=tau, valid=valid)
+    targets = pseudo_label_targets(ema, scribbles, tau=tau, valid=valid, check=check)
     pseudo = _masked_cross_entropy(logits, targets)
     total = pce + lam * pseudo
     n_pseudo = int((targets != UNLABELLED).sum())
@@ -382,6 +376,8 @@ def dice_targets(
     ema: torch.Tensor | None,
     valid: torch.Tensor,
     tau: float = 0.8,
+    *,
+    check: bool = True,
 ) -> torch.Tensor:
     """The targets of :func:`dice_loss`: the scribbles, and where there is none the
     confident pseudo-labels of ``ema`` (:func:`pseudo_label_targets`) when it is given.
@@ -396,6 +392,8 @@ def dice_targets(
         ``(N, H, W)`` bool: pixels of the image (not padding); the others get 250.
     tau : float, optional
         Confidence threshold of the pseudo-labels.
+    check : bool, optional
+        Check the inputs of :func:`pseudo_label_targets`.
 
     Returns
     -------
@@ -404,7 +402,7 @@ def dice_targets(
     """
     target = torch.where(valid, scribble.long(), UNLABELLED)
     if ema is not None:
-        pseudo = pseudo_label_targets(ema, target, tau=tau, valid=valid)
+        pseudo = pseudo_label_targets(ema, target, tau=tau, valid=valid, check=check)
         target = torch.where(target == UNLABELLED, pseudo, target)
     return target
 

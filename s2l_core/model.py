@@ -119,7 +119,23 @@ class ConvBlock(nn.Sequential):
         )
 
 
-class UNet(nn.Module):
+class _Rebuildable:
+    """A network that knows the arguments it was built with (``_config``, with
+    ``"arch"``), so that :func:`from_config` can build it again."""
+
+    _config: dict[str, Any]
+
+    @property
+    def config(self) -> dict[str, Any]:
+        """The arguments it was built with (and ``"arch"``), JSON-serialisable."""
+        return dict(self._config)
+
+    def to_config(self) -> dict[str, Any]:
+        """Return :attr:`config`: what :func:`from_config` needs to rebuild this network."""
+        return self.config
+
+
+class UNet(_Rebuildable, nn.Module):
     """U-Net with a space-to-depth stem and upsampling on the logits (fast on a CPU).
 
     Parameters
@@ -253,15 +269,6 @@ class UNet(nn.Module):
         """Input height and width must be multiples of this (``stem_factor · 2**depth``)."""
         return self.stem_factor * 2**self.depth
 
-    @property
-    def config(self) -> dict[str, Any]:
-        """The constructor arguments (and ``"arch": "unet"``), JSON-serialisable."""
-        return dict(self._config)
-
-    def to_config(self) -> dict[str, Any]:
-        """Return :attr:`config`: what :func:`from_config` needs to rebuild this network."""
-        return self.config
-
     def encoder_parameters(self) -> list[nn.Parameter]:
         """Parameters of the contracting path (the stem has none)."""
         return list(self.encoder.parameters())
@@ -326,7 +333,7 @@ class UNet(nn.Module):
         return self.upsample(self.head(x))
 
 
-class SMPUNet(nn.Module):
+class SMPUNet(_Rebuildable, nn.Module):
     """Wrapper around a ``segmentation_models_pytorch.Unet`` with this module's interface.
 
     Build it with :func:`build_smp_unet`. It exposes the same methods as :class:`UNet`
@@ -358,15 +365,6 @@ class SMPUNet(nn.Module):
     def size_multiple(self) -> int:
         """Input height and width must be multiples of this."""
         return self._size_multiple
-
-    @property
-    def config(self) -> dict[str, Any]:
-        """The arguments of :func:`build_smp_unet` (and ``"arch": "smp_unet"``)."""
-        return dict(self._config)
-
-    def to_config(self) -> dict[str, Any]:
-        """Return :attr:`config`: what :func:`from_config` needs to rebuild this network."""
-        return self.config
 
     def encoder_parameters(self) -> list[nn.Parameter]:
         """Parameters of the (ResNet) encoder."""

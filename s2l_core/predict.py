@@ -32,7 +32,15 @@ from tqdm.auto import tqdm
 
 from s2l_core.augment import normalize_image, select_channel
 from s2l_core.checkpoint import load_checkpoint
-from s2l_core.checks import whole_number
+from s2l_core.checks import (
+    SCALE_RANGE,
+    check_method,
+    check_min_peak,
+    check_scale,
+    check_smooth,
+    check_threshold,
+    whole_number,
+)
 from s2l_core.files import (
     IMAGE_SUFFIXES,
     atomic_dir,
@@ -127,81 +135,11 @@ def _drop_small(labels: np.ndarray, min_size: int) -> np.ndarray:
     return np.where(small[labels], 0, labels)
 
 
-def check_min_peak(min_peak: float | None) -> float | None:
-    """Check a ``min_peak`` option (:func:`foreground_to_instances`): ``None`` or a
-    probability in [0, 1]; returned as given.
-
-    Raises
-    ------
-    ValueError
-        If ``min_peak`` is neither ``None`` nor in [0, 1].
-    """
-    if min_peak is not None and not (0.0 <= min_peak <= 1.0):
-        raise ValueError(f"min_peak must be a probability in [0, 1] or None, got {min_peak}")
-    return min_peak
-
-
-def check_threshold(threshold: float) -> float:
-    """Check a foreground ``threshold`` option: a probability strictly between 0 and 1.
-
-    Parameters
-    ----------
-    threshold : float
-        The option as given.
-
-    Returns
-    -------
-    float
-        The threshold as a float.
-
-    Raises
-    ------
-    ValueError
-        If ``threshold`` is not a number in (0, 1): at 0 or below every pixel would be
-        foreground, at 1 or above none, and NaN leaves none without saying so.
-    """
-    if isinstance(threshold, bool) or not isinstance(
-        threshold, (int, float, np.integer, np.floating)
-    ):
-        raise ValueError(f"threshold must be a probability in (0, 1), got {threshold!r}")
-    if not 0.0 < threshold < 1.0:  # False for NaN too
-        raise ValueError(f"threshold must be a probability in (0, 1), got {threshold}")
-    return float(threshold)
-
-
-def check_smooth(smooth: float) -> float:
-    """Check a ``smooth`` option (:func:`foreground_to_instances`): a Gaussian's standard
-    deviation in pixels, finite and at least 0.
-
-    Raises
-    ------
-    ValueError
-        If ``smooth`` is not a number, or negative, infinite or NaN.
-    """
-    number = isinstance(smooth, (int, float, np.integer, np.floating))
-    if isinstance(smooth, bool) or not number or not 0.0 <= smooth < np.inf:
-        raise ValueError(f"smooth must be a finite number of pixels >= 0, got {smooth!r}")
-    return float(smooth)
-
-
 def _above(prob: np.ndarray, threshold: float, smooth: float) -> np.ndarray:
     """``(H, W)`` bool: where ``prob``, smoothed by a Gaussian of ``smooth`` pixels (none
     at 0), exceeds ``threshold``; the one rule for both instances and semantic masks."""
     level = ndi.gaussian_filter(prob.astype(np.float32), smooth) if smooth else prob
     return level > threshold
-
-
-def _check_method(method: str) -> str:
-    """Check an instance ``method`` option (:func:`foreground_to_instances`).
-
-    Raises
-    ------
-    ValueError
-        If ``method`` is neither ``"watershed"`` nor ``"components"``.
-    """
-    if method not in ("watershed", "components"):
-        raise ValueError(f"method must be 'watershed' or 'components', got {method!r}")
-    return method
 
 
 def foreground_to_instances(
@@ -251,7 +189,7 @@ def foreground_to_instances(
     prob = np.asarray(prob)
     if prob.ndim != 2:
         raise ValueError(f"prob must be a 2-D (H, W) map, got shape {prob.shape}")
-    _check_method(method)
+    check_method(method)
     threshold = check_threshold(threshold)
     check_min_peak(min_peak)
     smooth = check_smooth(smooth)
@@ -414,46 +352,6 @@ def auto_scale(
     return 1.0 if abs(np.log(scale)) < np.log(1 + _NEAR_ONE) else scale
 
 
-#: The range of a fixed ``scale``: beyond it an image becomes too large to hold, or too
-#: small to hold any nucleus.
-SCALE_RANGE = (1 / 16, 16.0)
-
-
-def check_scale(scale: float | str) -> float | str:
-    """Check a ``scale`` option: ``"auto"`` or a number in :data:`SCALE_RANGE`.
-
-    Parameters
-    ----------
-    scale : float or str
-        The option as given.
-
-    Returns
-    -------
-    float or str
-        ``"auto"``, or the scale as a float.
-
-    Raises
-    ------
-    ValueError
-        If ``scale`` is another string, not a number, or outside
-        :data:`SCALE_RANGE` (1/16 to 16).
-    """
-    low, high = SCALE_RANGE
-    wanted = f"a number from {low:g} to {high:g} or 'auto'"
-    if isinstance(scale, str):
-        if scale != "auto":
-            raise ValueError(f"scale must be {wanted}, got {scale!r}")
-        return scale
-    if isinstance(scale, bool) or not isinstance(scale, (int, float, np.integer, np.floating)):
-        raise ValueError(f"scale must be {wanted}, got {scale!r}")
-    if not (np.isfinite(scale) and low <= scale <= high):
-        raise ValueError(
-            f"scale must be {wanted}, got {scale:g}: it magnifies every image by that "
-            "factor (16 makes a 1000 x 1000 image 16000 x 16000)"
-        )
-    return float(scale)
-
-
 @dataclass(frozen=True)
 class Preset:
     """How a network's prediction becomes labels: every setting of prediction but the
@@ -498,7 +396,7 @@ class Preset:
     def __post_init__(self) -> None:
         set_ = object.__setattr__
         set_(self, "threshold", check_threshold(self.threshold))
-        _check_method(self.method)
+        check_method(self.method)
         set_(self, "min_size", whole_number("min_size", self.min_size, 0, unit="pixels"))
         if self.min_peak is None:  # None and 0 both keep every region
             set_(self, "min_peak", 0.0)

@@ -33,8 +33,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from s2l_core.checks import check_tau
 from s2l_core.encoding import BACKGROUND, FOREGROUND, UNLABELLED
-from s2l_core.losses import check_tau, pseudo_label_targets
+from s2l_core.losses import pseudo_label_targets
 
 __all__ = [
     "ConfidenceSummary",

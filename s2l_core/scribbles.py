@@ -33,6 +33,7 @@ from scipy import ndimage as ndi
 from skimage.feature import corner_harris, corner_peaks
 from skimage.morphology import skeletonize
 
+from s2l_core.checks import check_ratio
 from s2l_core.data import PreparedDataset
 from s2l_core.encoding import (
     BACKGROUND,
@@ -193,13 +194,6 @@ def _n_kept(ratio: float, n: int) -> int:
     return 0 if n == 0 else max(1, min(n, round(ratio * n)))
 
 
-def _check_ratio(ratio: float) -> float:
-    ratio = float(ratio)
-    if not 0 < ratio <= 1:
-        raise ValueError(f"scribble ratio must lie in (0, 1], got {ratio}")
-    return ratio
-
-
 def synthesize_scribbles(
     labels: np.ndarray,
     ratios: float | Sequence[float] = 0.3,
@@ -232,7 +226,7 @@ def synthesize_scribbles(
         at a smaller ratio are kept at every larger ratio too.
     """
     single = np.isscalar(ratios)
-    ratio_list = [_check_ratio(r) for r in ([ratios] if single else ratios)]
+    ratio_list = [check_ratio(r) for r in ([ratios] if single else ratios)]
     if pieces is None:
         pieces = scribble_pieces(labels)
     elif pieces.fg.shape != np.shape(labels):
@@ -293,7 +287,7 @@ class ScribbleSet:
 
     def path(self, image_id: str, ratio: float) -> Path:
         """Path of the scribble PNG of ``image_id`` at ``ratio``."""
-        ratio = _check_ratio(ratio)
+        ratio = check_ratio(ratio)
         if not any(np.isclose(ratio, r) for r in self.ratios):
             raise ValueError(f"no scribbles at ratio {ratio}; this set has {self.ratios}")
         return self.root / _ratio_dir(ratio) / f"{image_id}.png"
@@ -365,7 +359,7 @@ def prepare_scribbles(
     :func:`s2l_core.files.lock_of`). An earlier set is reused only if every file its
     summary lists is present and it covers every image of the dataset.
     """
-    wanted = {_check_ratio(r) for r in ratios}
+    wanted = {check_ratio(r) for r in ratios}
     with locked(lock_of(dataset.root), f"the dataset {dataset.root}"):
         return _prepare_locked(dataset, wanted, int(seed), workers, progress, force)
 
