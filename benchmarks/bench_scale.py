@@ -41,7 +41,7 @@ from s2l_core.cli import (
     smooth_argument,
     threshold_argument,
 )
-from s2l_core.evaluate import SCORES, dataset_images, score_images
+from s2l_core.evaluate import PLAIN, SCORES, dataset_images, score_images
 from s2l_core.files import atomic_path, write_json
 from s2l_core.predict import load_model, predict_probability
 
@@ -127,10 +127,8 @@ def score_checkpoint(
         for threshold, peak, size, smooth in settings:
             labels = {}
             one = [(image_id, image, truth)]
-            row = score_images(
-                lambda _, p=prob: p, one, labels_out=labels, min_peak=peak, min_size=size,
-                threshold=threshold, smooth=smooth,
-            )  # fmt: skip
+            post = PLAIN.but(min_peak=peak, min_size=size, threshold=threshold, smooth=smooth)
+            row = score_images(lambda _, p=prob: p, one, preset=post, labels_out=labels)
             area = (labels[image_id]["watershed"] > 0).sum() / true_area
             row = row.assign(
                 predict_s=seconds, scale=str(scale), min_peak=str(peak), tta=tta,

@@ -17,9 +17,9 @@ from tqdm.auto import tqdm
 
 from s2l_core.augment import normalize_image
 from s2l_core.metrics import evaluate_image
-from s2l_core.predict import foreground_to_instances
+from s2l_core.predict import Preset, labels_of
 
-__all__ = ["SCORES", "dataset_images", "score_images", "summarize_by"]
+__all__ = ["PLAIN", "SCORES", "dataset_images", "score_images", "summarize_by"]
 
 #: The per-image scores of every table, in their order of display.
 SCORES: tuple[str, ...] = ("iou", "dice", "ap", "f1", "aji", "original_mdice", "object_dice")
@@ -45,15 +45,17 @@ def dataset_images(dataset, ids: Sequence[str]) -> Iterator[tuple[str, np.ndarra
         yield image_id, normalize_image(dataset.image(image_id)), dataset.labels(image_id)
 
 
+#: The post-processing that scores a network's probability as it is: threshold 0.5, no
+#: hysteresis, no smoothing, objects of 16 pixels or more.
+PLAIN = Preset(min_peak=0.0, min_size=16, smooth=0.0, scale=1.0, tta=False)
+
+
 def score_images(
     predict: Callable[[np.ndarray], np.ndarray],
     images: Iterable[tuple[str, np.ndarray, np.ndarray]],
     *,
     instances: Sequence[str] = ("watershed",),
-    threshold: float = 0.5,
-    min_peak: float | None = None,
-    min_size: int = 16,
-    smooth: float = 0.0,
+    preset: Preset = PLAIN,
     labels_out: dict | None = None,
     progress: bool = False,
 ) -> pd.DataFrame:
@@ -70,16 +72,10 @@ def score_images(
         from :class:`s2l_core.samples.TrainSample` objects.
     instances : sequence of {"watershed", "components"}, optional
         How to split the foreground into nuclei; one row per image and method.
-    threshold : float, optional
-        Foreground where the probability exceeds it.
-    min_peak : float, optional
-        Drop regions whose probability never exceeds it
-        (:func:`s2l_core.predict.foreground_to_instances`).
-    min_size : int, optional
-        Smallest object kept, in pixels.
-    smooth : float, optional
-        Gaussian smoothing (pixels) of the probability before thresholding
-        (:func:`s2l_core.predict.foreground_to_instances`).
+    preset : Preset, optional
+        How the probability becomes labels (``threshold``, ``min_peak``, ``min_size``,
+        ``smooth``; its ``method`` is replaced by each of ``instances``; ``scale`` and
+        ``tta`` are ``predict``'s business). Default :data:`PLAIN`.
     labels_out : dict, optional
         If given, receives ``labels_out[image_id][method]``: the predicted instance labels.
     progress : bool, optional
@@ -108,10 +104,7 @@ def score_images(
                 f"{image_id}: the prediction has shape {prob.shape} but the truth has {truth.shape}"
             )
         for method in instances:
-            labels = foreground_to_instances(
-                prob, threshold=threshold, method=method, min_peak=min_peak, min_size=min_size,
-                smooth=smooth,
-            )  # fmt: skip
+            labels = labels_of(prob, preset.but(method=method))
             scores = evaluate_image(labels, truth)
             rows.append(
                 {

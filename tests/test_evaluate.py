@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from s2l_core.evaluate import SCORES, dataset_images, score_images, summarize_by
+from s2l_core.evaluate import PLAIN, SCORES, dataset_images, score_images, summarize_by
 
 
 def _truth(shape=(40, 60)):
@@ -56,8 +56,8 @@ def test_min_size_drops_small_predicted_objects():
     prob = (truth > 0).astype(np.float32)
     prob[34:37, 50:53] = 1.0
     image = [("a", np.zeros((3, 40, 60), np.float32), truth)]
-    kept = score_images(lambda x: prob, image, min_size=9)
-    dropped = score_images(lambda x: prob, image, min_size=10)
+    kept = score_images(lambda x: prob, image, preset=PLAIN.but(min_size=9))
+    dropped = score_images(lambda x: prob, image, preset=PLAIN.but(min_size=10))
     assert kept["iou"].item() == pytest.approx(200 / 209)
     assert dropped["iou"].item() == pytest.approx(1.0)
 
