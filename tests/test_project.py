@@ -89,3 +89,90 @@ def test_expected_outputs_belong_to_tagged_cells():
         expected = nbformat.read(path, as_version=4)
         sources = [c.source for c in drift.regression_cells(chapter).cells]
         assert [c.source for c in expected.cells] == sources, f"{path.name}: update expected"
+
+
+def _tool(name: str):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, REPO / "tools" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_papermills_injected_cell_is_hidden_from_the_page(tmp_path):
+    notebook = nbformat.v4.new_notebook()
+    injected = nbformat.v4.new_code_cell('profile = "smoke"')
+    injected.metadata["tags"] = ["injected-parameters"]
+    own = nbformat.v4.new_code_cell('profile = "cpu"', metadata={"tags": ["parameters"]})
+    notebook.cells = [own, injected]
+    path = tmp_path / "chapter.ipynb"
+    nbformat.write(notebook, path)
+    _tool("run_book").hide_injected_parameters(path)
+    cells = nbformat.read(path, 4).cells
+    assert cells[1].metadata["tags"] == ["injected-parameters", "remove-cell"]
+    assert cells[0].metadata["tags"] == ["parameters"]
+
+
+def test_book_check_finds_what_a_reader_must_not_meet(tmp_path):
+    check = _tool("check_book")
+    html = tmp_path / "html"
+    (html / "book").mkdir(parents=True)
+    (html / "_sources" / "book").mkdir(parents=True)
+    page = '<script src="../_static/mathjax/tex-chtml.js"></script><p>a page</p>'
+    intro = page + "<p>Scribble2Label: scribble-supervised cell segmentation</p>"
+    (html / "book" / "00_introduction.html").write_text(intro)
+    (html / "book" / "01_data.html").write_text(page)
+    clean = nbformat.v4.new_notebook()
+    clean.cells = [nbformat.v4.new_code_cell("x = 1")]
+    nbformat.write(clean, html / "_sources" / "book" / "01_data.ipynb")
+    assert check.problems(html) == []
+    bad = (
+        '<script src="https://cdn.jsdelivr.net/npm/mathjax@3/es5/tex-chtml.js"></script>'
+        '<div class="cell tag_injected-parameters"></div> 100%|##| 3/3 [00:01<00:00, 2.9it/s]'
+        "PreparedDataset('/root/.cache/scribble2label/bbbc038', 670 images)"
+    )
+    (html / "book" / "01_data.html").write_text(bad)
+    (html / "book" / "00_introduction.html").write_text(page)
+    executed = nbformat.v4.new_notebook()
+    cell = nbformat.v4.new_code_cell("x")
+    cell.outputs = [nbformat.v4.new_output("stream", name="stdout", text="1\n")]
+    executed.cells = [cell]
+    nbformat.write(executed, html / "_sources" / "book" / "01_data.ipynb")
+    found = "\n".join(check.problems(html))
+    for what in (
+        "papermill's injected parameters cell", "a raw repr", "a progress bar",
+        "loads MathJax from the network", "serves an executed copy", "no bibliography",
+    ):  # fmt: skip
+        assert what in found, found
+
+
+@pytest.mark.parametrize("path", CHAPTERS, ids=lambda p: p.stem)
+def test_code_cells_fit_the_page_column(path):
+    nb = nbformat.read(path, as_version=4)
+    long = [
+        line
+        for cell in nb.cells
+        if cell.cell_type == "code"
+        for line in cell.source.splitlines()
+        if len(line) > 88
+    ]
+    assert long == [], f"code lines over 88 characters: {long[:3]}"
+
+
+def test_each_page_says_how_it_was_made(tmp_path):
+    notebook = nbformat.v4.new_notebook()
+    notebook.cells = [
+        nbformat.v4.new_markdown_cell("# 4. Training"),
+        nbformat.v4.new_code_cell("x"),
+    ]
+    path = tmp_path / "chapter.ipynb"
+    nbformat.write(notebook, path)
+    run_book = _tool("run_book")
+    run_book.add_banner(path, "smoke", 12.3)
+    run_book.add_banner(path, "cpu", 1172.0)  # executed again: one banner, the last
+    cells = nbformat.read(path, 4).cells
+    banners = [c for c in cells if "banner" in c.metadata.get("tags", [])]
+    assert len(banners) == 1 and cells[1] is banners[0] and len(cells) == 3
+    assert "`cpu` profile" in banners[0].source and "1172 s" in banners[0].source
+    assert "not results" not in banners[0].source  # only the smoke banner warns

@@ -8,7 +8,11 @@ The committed notebooks in ``book/`` carry no outputs. This script
    under the default parameters — compares the outputs of cells tagged ``regression``
    with ``book/expected/`` (:mod:`check_drift`);
 3. builds the book from ``_build/src`` with Jupyter Book, execution off and warnings as
-   errors; the HTML lands in ``_build/html``.
+   errors; the HTML lands in ``_build/html``, its download buttons serve the chapters as
+   written, and :mod:`check_book` checks the pages as a reader meets them offline.
+
+Papermill's injected parameters cell is tagged ``remove-cell``, so a page shows the
+chapter's own parameters cell only.
 
 A chapter that fails stops the run; its failing cell and traceback are printed, and the
 executed notebook (with the error in place) is kept in ``_build/src/book/``.
@@ -94,6 +98,70 @@ def execute(chapters: list[str], parameters: dict, timings: dict, drift: bool = 
             raise SystemExit(1) from None
         timings[chapter] = round(time.perf_counter() - start, 1)
         print(f"    done in {timings[chapter]} s", flush=True)
+        hide_injected_parameters(target)
+        add_banner(target, parameters.get("profile", "?"), timings[chapter])
+        if drift:
+            sys.path.insert(0, str(Path(__file__).resolve().parent))
+            import check_drift
+
+            report = check_drift.check(target)
+            if report:
+                print(f"\nchapter {chapter}: outputs drifted from book/expected/", file=sys.stderr)
+                print(report, file=sys.stderr)
+                raise SystemExit(1)
+
+
+def hardware() -> str:
+    """The machine, in words: the GPU where CUDA is present, else the CPU and its cores."""
+    import os
+    import platform
+
+    import torch
+
+    if torch.cuda.is_available():
+        return f"one {torch.cuda.get_device_name(0)} GPU"
+    name = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            name = next(line.split(":", 1)[1].strip() for line in f if "model name" in line)
+    except (OSError, StopIteration):
+        pass
+    return f"a CPU ({name}, {os.cpu_count()} cores)"
+
+
+def add_banner(notebook: Path, profile: str, seconds: float) -> None:
+    """Say at the top of an executed chapter which profile made its outputs, on what
+    machine, and how long it took (a note after the chapter's first cell)."""
+    import nbformat
+
+    nb = nbformat.read(notebook, 4)
+    text = (
+        f"This page was executed with the `{profile}` profile on {hardware()} in {seconds:.0f} s."
+    )
+    if profile == "smoke":
+        text += (
+            " The `smoke` profile only checks that the code runs: its models train for "
+            "seconds, so their scores and figures are not results. `make book` runs the "
+            "`cpu` profile (or `full` on a GPU)."
+        )
+    banner = nbformat.v4.new_markdown_cell(f"```{{note}}\n{text}\n```")
+    banner.metadata["tags"] = ["banner"]
+    nb.cells = [c for c in nb.cells if "banner" not in c.metadata.get("tags", [])]
+    nb.cells.insert(1, banner)
+    nbformat.write(nb, notebook)
+
+
+def hide_injected_parameters(notebook: Path) -> None:
+    """Tag the cell papermill injected (``injected-parameters``) ``remove-cell``, so the
+    page shows the chapter's own parameters cell only."""
+    import nbformat
+
+    nb = nbformat.read(notebook, 4)
+    for cell in nb.cells:
+        tags = cell.metadata.setdefault("tags", [])
+        if "injected-parameters" in tags and "remove-cell" not in tags:
+            tags.append("remove-cell")
+    nbformat.write(nb, notebook)
 
 
 def build() -> None:
@@ -117,6 +185,20 @@ def build() -> None:
     if html.exists():
         shutil.rmtree(html)
     shutil.copytree(out / "_build" / "html", html)
+    # The download button serves the chapter as written (no outputs, no injected
+    # parameters), not the executed copy the page was built from.
+    for executed in (html / "_sources").rglob("*.ipynb"):
+        source = ROOT / executed.relative_to(html / "_sources")
+        if source.is_file():
+            shutil.copy2(source, executed)
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import check_book
+
+    found = check_book.problems(html)
+    for problem in found:
+        print(f"book check: {problem}", file=sys.stderr)
+    if found:
+        raise SystemExit(1)
     print(f"--- the book: {html / 'index.html'}")
 
 
