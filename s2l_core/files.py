@@ -310,7 +310,7 @@ def atomic_path(path: PathLike) -> Iterator[Path]:
 
 
 @contextlib.contextmanager
-def atomic_dir(path: PathLike) -> Iterator[Path]:
+def atomic_dir(path: PathLike, *, replace: bool = True) -> Iterator[Path]:
     """Yield a temporary folder that replaces the folder ``path`` when the block succeeds.
 
     An existing folder at ``path`` is replaced only after the new one is complete; if the
@@ -320,11 +320,20 @@ def atomic_dir(path: PathLike) -> Iterator[Path]:
     ----------
     path : str or os.PathLike
         The destination folder.
+    replace : bool, optional
+        ``False``: ``path`` must still be absent (or an empty folder) when the block
+        ends; a folder with files that appeared there meanwhile is never replaced.
 
     Yields
     ------
     pathlib.Path
         An empty folder to fill.
+
+    Raises
+    ------
+    FileExistsError
+        With ``replace=False``, if a folder with files appeared at ``path`` while the
+        block ran (the temporary folder is deleted).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -337,7 +346,18 @@ def atomic_dir(path: PathLike) -> Iterator[Path]:
         else:
             os.chmod(tmp, 0o777 & ~_umask())
         yield tmp
-        if path.exists():
+        if not replace:
+            try:
+                os.rename(tmp, path)  # replaces an empty folder, never one with files
+            except OSError as err:
+                if err.errno not in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOTDIR):
+                    raise
+                raise FileExistsError(
+                    errno.EEXIST,
+                    "appeared while the results were made; nothing was replaced",
+                    str(path),
+                ) from None
+        elif path.exists():
             old = Path(tempfile.mkdtemp(prefix=_tmp_prefix(path), suffix=".old", dir=path.parent))
             os.replace(path, old / "previous")
             os.replace(tmp, path)

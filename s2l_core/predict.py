@@ -952,7 +952,7 @@ def predict_folder(
 
     if not output_dir.exists():
         remove_stale(output_dir)
-        with atomic_dir(output_dir) as tmp:
+        with atomic_dir(output_dir, replace=False) as tmp:
             predict_into(tmp)
             write_json(tmp / MANIFEST, record)
     else:

@@ -308,6 +308,21 @@ def test_killed_predict_leaves_nothing_that_looks_finished(checkpoint, tmp_path)
     assert _temporaries(tmp_path) == [] and (out / "s2l_predict.json").is_file()
 
 
+def test_a_folder_made_meanwhile_is_never_replaced(checkpoint, tmp_path):
+    """The output folder was absent when predict began; the user makes it, with a file,
+    while predict runs: predict ends with an error instead of replacing it."""
+    images, out = _images(tmp_path / "in"), tmp_path / "out"
+    args = ["predict", str(checkpoint), str(images), str(out), "--quiet", "--device", "cpu"]
+    run, log, _, barrier = _held_at(READ, args, tmp_path)
+    out.mkdir()
+    (out / "mine.txt").write_text("made meanwhile")
+    (barrier / "go").touch()
+    assert run.wait(60) == 1
+    _one_error_line(log.read_text(), str(out), "appeared while the results were made")
+    assert sorted(p.name for p in out.iterdir()) == ["mine.txt"]
+    assert _temporaries(tmp_path) == []
+
+
 # --------------------------------------------------------------------------- Ctrl-C
 
 
