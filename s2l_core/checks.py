@@ -14,6 +14,7 @@ import numpy as np
 
 __all__ = [
     "SCALE_RANGE",
+    "check_alpha",
     "check_method",
     "check_min_peak",
     "check_ratio",
@@ -180,12 +181,33 @@ def check_tau(tau: float) -> float:
     float
         ``tau`` as a Python float.
     """
-    if isinstance(tau, bool) or not isinstance(tau, (int, float)):
-        raise TypeError(f"tau must be a real number, got {type(tau).__name__}")
-    tau = float(tau)
+    tau = _real_number("tau", tau)
     if not (0.5 < tau <= 1.0):
         raise ValueError(f"tau must lie in (0.5, 1], got {tau}")
     return tau
+
+
+def _real_number(name: str, value: Any) -> float:
+    """``value`` as a float; TypeError naming ``name`` unless a Python int or float."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    return float(value)
+
+
+def check_alpha(alpha: float) -> float:
+    """Check the EMA weight ``alpha`` of new predictions: a real number in (0, 1].
+
+    Raises
+    ------
+    TypeError
+        If ``alpha`` is not a real number.
+    ValueError
+        If it lies outside (0, 1].
+    """
+    alpha = _real_number("alpha", alpha)
+    if not (0.0 < alpha <= 1.0):
+        raise ValueError(f"alpha must lie in (0, 1], got {alpha}")
+    return alpha
 
 
 def check_ratio(ratio: float) -> float:

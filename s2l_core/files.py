@@ -29,6 +29,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from s2l_core.runtime import process_running
+
 __all__ = [
     "IMAGE_SUFFIXES",
     "atomic_dir",
@@ -62,19 +64,6 @@ def _umask() -> int:
 def _tmp_prefix(path: Path) -> str:
     """Prefix of the temporaries that stand in for ``path``: hidden, with this process's id."""
     return f".{path.name}.{os.getpid()}-"
-
-
-def _pid_running(pid: int) -> bool:
-    """Whether a process ``pid`` exists (on this machine)."""
-    if pid == os.getpid():
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except (PermissionError, OSError):  # exists, but another user's (or cannot tell)
-        return True
-    return True
 
 
 def _start_time(pid: int | str) -> float | None:
@@ -145,7 +134,7 @@ def remove_stale(path: PathLike, *, held: bool = False) -> list[Path]:
             continue
         if dash and pid_text.isdigit():
             pid = int(pid_text)
-            if _pid_running(pid) and not _started_after(pid, mtime):
+            if process_running(pid) and not _started_after(pid, mtime):
                 continue  # its process still runs
         elif dash or not held or mtime >= started:
             continue  # not one of ours, or not known to be stale

@@ -294,8 +294,7 @@ def predict_foreground(
         pixel; if ``tile`` and ``overlap`` are not whole numbers with
         ``tile > 2 * overlap >= 0``.
     """
-    _check_tile(tile, overlap)
-    scale = _check_scale(scale, image.shape[-2:])
+    _check_tile(tile, overlap)  # before any work; the scale is predict_rescaled's first check
     plain = functools.partial(
         predict_tiled, model, device=device, tile=tile, overlap=overlap, amp=amp,
         channels_last=channels_last, cpu_bf16=cpu_bf16,

@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from s2l_core.checks import check_tau
+from s2l_core.checks import check_alpha, check_tau
 from s2l_core.encoding import BACKGROUND, FOREGROUND, UNLABELLED
 from s2l_core.losses import pseudo_label_targets
 
@@ -49,15 +49,6 @@ __all__ = [
 _STATE_KIND = "s2l_core.EMAStore"
 _STATE_VERSION = 1
 _STARTS = ("zero", "first")
-
-
-def _check_alpha(alpha: float) -> float:
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)):
-        raise TypeError(f"alpha must be a real number, got {type(alpha).__name__}")
-    alpha = float(alpha)
-    if not (0.0 < alpha <= 1.0):
-        raise ValueError(f"alpha must lie in (0, 1], got {alpha}")
-    return alpha
 
 
 def _check_shape(image_id: str, shape: Any) -> tuple[int, int]:
@@ -180,7 +171,7 @@ class EMAStore:
             raise TypeError(f"shapes must be a mapping id -> (H, W), got {type(shapes).__name__}")
         if start not in _STARTS:
             raise ValueError(f"start must be one of {_STARTS}, got {start!r}")
-        self.alpha = _check_alpha(alpha)
+        self.alpha = check_alpha(alpha)
         self.start = start
         self._maps: dict[str, np.ndarray] = {}
         self._n_updates: dict[str, int] = {}
@@ -376,7 +367,7 @@ class EMAStore:
                     f"state dict: map of {k!r} has shape {tuple(t.shape)}, "
                     f"the store expects {self._maps[k].shape}"
                 )
-        alpha = _check_alpha(sd["alpha"])
+        alpha = check_alpha(sd["alpha"])
         start = sd.get("start", "zero")
         if start not in _STARTS:
             raise ValueError(f"state dict: unknown start {start!r}")

@@ -20,6 +20,7 @@ __all__ = [
     "cpu_bf16_wanted",
     "parallel_map",
     "pick_device",
+    "process_running",
     "restore_rng_state",
     "rng_state",
     "set_seed",
@@ -223,18 +224,22 @@ def _worker_start(parent: int) -> None:
     started_by = os.getppid()
 
     def watch() -> None:
-        while os.getppid() == started_by and _running(parent):
+        while os.getppid() == started_by and process_running(parent):
             time.sleep(0.25)
         os._exit(1)
 
     threading.Thread(target=watch, name="s2l-parent-watch", daemon=True).start()
 
 
-def _running(pid: int) -> bool:
+def process_running(pid: int) -> bool:
+    """Whether a process ``pid`` exists on this machine (this one always does; another
+    user's counts, as does one that cannot be asked)."""
+    if pid == os.getpid():
+        return True
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    except OSError:
+    except OSError:  # exists, but another user's (or cannot tell)
         return True
     return True
