@@ -1,7 +1,11 @@
 """Figures with the book's colour convention.
 
 Everywhere in the book, foreground scribbles are :data:`FG_COLOUR` (orange) and
-background scribbles :data:`BG_COLOUR` (blue); nucleus outlines are green (:data:`OUTLINE_COLOUR`).
+background scribbles :data:`BG_COLOUR` (blue), and these two colours mean nothing else:
+pseudo-labels are pale tints of them, nucleus outlines are green (:data:`OUTLINE_COLOUR`),
+errors have their own colours (:data:`ERROR_COLOURS`), and curves and bars take the
+colours of :data:`SERIES_COLOURS` (:func:`book_style` makes them matplotlib's cycle).
+Maps of values (probabilities, EMA maps) carry a colourbar (:func:`show_map`).
 """
 
 from __future__ import annotations
@@ -13,11 +17,45 @@ from skimage.segmentation import find_boundaries
 
 from s2l_core.encoding import BACKGROUND, FOREGROUND
 
-__all__ = ["BG_COLOUR", "FG_COLOUR", "outline", "show_image", "show_profile", "show_scribbles"]
+__all__ = [
+    "BG_COLOUR",
+    "ERROR_COLOURS",
+    "FG_COLOUR",
+    "SERIES_COLOURS",
+    "book_style",
+    "error_image",
+    "outline",
+    "show_errors",
+    "show_image",
+    "show_map",
+    "show_pieces",
+    "show_profile",
+    "show_pseudo_labels",
+    "show_scribbles",
+]
 
 FG_COLOUR = "#ff7f0e"
 BG_COLOUR = "#1f77b4"
 OUTLINE_COLOUR = "lime"
+#: Curves, bars and points: matplotlib's tab10 without its orange and blue.
+SERIES_COLOURS = (
+    "#2ca02c", "#9467bd", "#7f7f7f", "#8c564b", "#e377c2", "#bcbd22", "#17becf", "#d62728",
+)  # fmt: skip
+#: Pixels a prediction gets wrong: foreground where the truth has none (false positive),
+#: and true foreground it misses (false negative); correct foreground is shown light.
+ERROR_COLOURS = {
+    "correct foreground": "#e0e0e0",
+    "false positive": "#e7298a",
+    "false negative": "#ffe119",
+}
+
+
+def book_style() -> None:
+    """Make :data:`SERIES_COLOURS` matplotlib's colour cycle (orange and blue stay the
+    scribbles' own)."""
+    from cycler import cycler
+
+    plt.rcParams["axes.prop_cycle"] = cycler(color=list(SERIES_COLOURS))
 
 
 def outline(image: np.ndarray, labels: np.ndarray, colour: str = OUTLINE_COLOUR) -> np.ndarray:
@@ -147,7 +185,7 @@ def draw_overview(fg_colour: str = FG_COLOUR, bg_colour: str = BG_COLOUR):
     centre = {}
     for key, (x, y, text) in boxes.items():
         width, height = (2.0, 1.0) if key != "ema" else (2.2, 1.0)
-        colour = {"scribbles": fg_colour, "pseudo": bg_colour}.get(key, "#dddddd")
+        colour = {"scribbles": fg_colour, "pseudo": "#d9f0d3"}.get(key, "#dddddd")
         ax.add_patch(
             FancyBboxPatch(
                 (x, y), width, height, boxstyle="round,pad=0.05", fc=colour, ec="black", alpha=0.8
@@ -178,3 +216,152 @@ def draw_overview(fg_colour: str = FG_COLOUR, bg_colour: str = BG_COLOUR):
             ax.text(mx, my + 0.12, label, ha="center", fontsize=8, style="italic")
     ax.set_title("Scribble2Label: training from scribbles and confident, time-averaged predictions")
     return fig
+
+
+def show_map(
+    ax,
+    values: np.ndarray,
+    title: str = "",
+    *,
+    label: str = "foreground probability",
+    cmap: str = "magma",
+    vmin: float = 0.0,
+    vmax: float = 1.0,
+) -> None:
+    """Show a map of values (a probability, an EMA map, an uncertainty) with a colourbar.
+
+    Parameters
+    ----------
+    ax : matplotlib.axes.Axes
+        Where to draw.
+    values : numpy.ndarray
+        ``(H, W)`` values.
+    title : str, optional
+        Axis title.
+    label : str, optional
+        What the colourbar measures.
+    cmap : str, optional
+        Matplotlib colour map.
+    vmin, vmax : float, optional
+        The values at the ends of the colour map.
+    """
+    shown = ax.imshow(values, cmap=cmap, vmin=vmin, vmax=vmax, interpolation="nearest")
+    bar = ax.figure.colorbar(shown, ax=ax, fraction=0.046, pad=0.03)
+    bar.set_label(label, fontsize=8)
+    bar.ax.tick_params(labelsize=7)
+    ax.set_title(title, fontsize=9)
+    ax.set_axis_off()
+
+
+def show_pieces(ax, image: np.ndarray, pieces: np.ndarray, title: str = "") -> None:
+    """Show labelled skeleton pieces drawn on a dimmed image, each piece in its own
+    colour of :data:`SERIES_COLOURS` (thickened by one pixel to be seen).
+
+    Parameters
+    ----------
+    ax : matplotlib.axes.Axes
+        Where to draw.
+    image : numpy.ndarray
+        ``(H, W, 3)`` or ``(H, W)`` image.
+    pieces : numpy.ndarray
+        ``(H, W)`` integer labels of the pieces (0 where there is none).
+    title : str, optional
+        Axis title.
+    """
+    from skimage.segmentation import expand_labels
+
+    rgb = _rgb(image) // 2
+    thick = expand_labels(np.asarray(pieces), 1)
+    palette = np.array([to_rgb(c) for c in SERIES_COLOURS]) * 255
+    drawn = thick > 0
+    rgb[drawn] = palette[(thick[drawn] - 1) % len(palette)]
+    ax.imshow(rgb, interpolation="nearest")
+    ax.set_title(title, fontsize=9)
+    ax.set_axis_off()
+
+
+def show_pseudo_labels(
+    ax, image: np.ndarray, scribble: np.ndarray, targets: np.ndarray, title: str = ""
+) -> None:
+    """Show pseudo-labels as pale tints of the scribble colours, scribbles solid on top.
+
+    Parameters
+    ----------
+    ax : matplotlib.axes.Axes
+        Where to draw.
+    image : numpy.ndarray
+        ``(H, W, 3)`` or ``(H, W)`` image.
+    scribble : numpy.ndarray
+        ``(H, W)`` scribbles (0 background, 1 foreground, 250 unlabelled).
+    targets : numpy.ndarray
+        ``(H, W)`` pseudo-label targets in the same encoding (250 where none).
+    title : str, optional
+        Axis title.
+    """
+    rgb = _rgb(image).astype(np.float32) / 2
+    for value, colour in ((BACKGROUND, BG_COLOUR), (FOREGROUND, FG_COLOUR)):
+        tint = np.asarray(targets) == value
+        rgb[tint] = 0.6 * rgb[tint] + 0.4 * np.array(to_rgb(colour)) * 255
+    for value, colour in ((BACKGROUND, BG_COLOUR), (FOREGROUND, FG_COLOUR)):
+        rgb[np.asarray(scribble) == value] = np.array(to_rgb(colour)) * 255
+    ax.imshow(rgb.astype(np.uint8), interpolation="nearest")
+    ax.set_title(title, fontsize=9)
+    ax.set_axis_off()
+
+
+def error_image(image: np.ndarray, predicted: np.ndarray, truth: np.ndarray) -> np.ndarray:
+    """An RGB picture of where a prediction is right and wrong, pixel by pixel.
+
+    Correct foreground, false positives and false negatives take
+    :data:`ERROR_COLOURS` over the dimmed image; the predicted nuclei are outlined in
+    black, so that merged and split nuclei show too.
+
+    Parameters
+    ----------
+    image : numpy.ndarray
+        ``(H, W, 3)`` or ``(H, W)`` image.
+    predicted, truth : numpy.ndarray
+        ``(H, W)`` instance labels (0 background).
+
+    Returns
+    -------
+    numpy.ndarray
+        ``(H, W, 3)`` ``uint8``.
+
+    Raises
+    ------
+    ValueError
+        If the shapes differ.
+    """
+    predicted, truth = np.asarray(predicted), np.asarray(truth)
+    if predicted.shape != truth.shape or _rgb(image).shape[:2] != truth.shape:
+        raise ValueError(
+            f"image {np.shape(image)}, prediction {predicted.shape} and truth "
+            f"{truth.shape} must have the same height and width"
+        )
+    rgb = _rgb(image) // 3
+    fg, true = predicted > 0, truth > 0
+    for name, mask in (
+        ("correct foreground", fg & true),
+        ("false positive", fg & ~true),
+        ("false negative", ~fg & true),
+    ):
+        rgb[mask] = np.array(to_rgb(ERROR_COLOURS[name])) * 255
+    rgb[find_boundaries(predicted, mode="inner")] = 0
+    return rgb
+
+
+def show_errors(
+    ax, image: np.ndarray, predicted: np.ndarray, truth: np.ndarray, title: str = ""
+) -> None:
+    """Show :func:`error_image` on an axis, with a legend of the error colours below it."""
+    from matplotlib.patches import Patch
+
+    ax.imshow(error_image(image, predicted, truth), interpolation="nearest")
+    handles = [Patch(facecolor=c, edgecolor="0.3", label=n) for n, c in ERROR_COLOURS.items()]
+    ax.legend(
+        handles=handles, loc="upper center", bbox_to_anchor=(0.5, 0.0), ncol=3, fontsize=7,
+        frameon=False, handlelength=1.2, columnspacing=0.8,
+    )  # fmt: skip
+    ax.set_title(title, fontsize=9)
+    ax.set_axis_off()

@@ -32,3 +32,67 @@ def test_show_profile_shades_each_mask_where_it_covers_the_line():
     ]
     assert ax.get_title() == "a row"
     plt.close(fig)
+
+
+def test_error_image_colours_each_pixel_by_what_the_prediction_got_wrong():
+    from matplotlib.colors import to_rgb
+
+    from s2l_core.plots import ERROR_COLOURS, error_image
+
+    truth = np.zeros((12, 12), np.uint16)
+    truth[2:8, 2:8] = 1
+    predicted = np.zeros_like(truth)
+    predicted[4:10, 4:10] = 7  # overlaps the truth in rows/cols 4..7
+    rgb = error_image(np.full((12, 12), 100, np.uint8), predicted, truth)
+
+    def colour(name):
+        return tuple(np.uint8(np.array(to_rgb(ERROR_COLOURS[name])) * 255))
+
+    assert tuple(rgb[2, 2]) == colour("false negative")  # true, missed
+    assert tuple(rgb[8, 8]) == colour("false positive")  # predicted, not true
+    assert tuple(rgb[6, 6]) == colour("correct foreground")  # inside both, off the edge
+    assert tuple(rgb[4, 4]) == (0, 0, 0)  # the predicted nucleus' outline
+    assert tuple(rgb[0, 11]) == (33, 33, 33)  # background: the image, dimmed
+    try:
+        error_image(np.zeros((5, 5)), predicted, truth)
+    except ValueError as err:
+        assert "same height and width" in str(err)
+    else:
+        raise AssertionError("a mismatched image was accepted")
+
+
+def test_maps_carry_a_colourbar_and_pieces_are_drawn_on_the_image():
+    from matplotlib.colors import to_rgb
+
+    from s2l_core.plots import SERIES_COLOURS, show_map, show_pieces
+
+    fig, axes = plt.subplots(1, 2)
+    show_map(axes[0], np.linspace(0, 1, 16).reshape(4, 4), "EMA", label="EMA")
+    assert len(fig.axes) == 3  # the two axes and the colourbar
+    assert fig.axes[-1].get_ylabel() == "EMA"
+    pieces = np.zeros((9, 9), int)
+    pieces[4, 1:8] = 2
+    show_pieces(axes[1], np.full((9, 9), 200, np.uint8), pieces)
+    shown = axes[1].get_images()[0].get_array()
+    assert tuple(shown[4, 4]) == tuple(np.uint8(np.array(to_rgb(SERIES_COLOURS[1])) * 255))
+    assert tuple(shown[0, 0]) == (100, 100, 100)  # away from the piece: the dimmed image
+    plt.close(fig)
+
+
+def test_pseudo_labels_are_tints_and_scribbles_stay_solid():
+    from matplotlib.colors import to_rgb
+
+    from s2l_core.plots import FG_COLOUR, show_pseudo_labels
+
+    scribble = np.full((4, 4), 250, np.uint8)
+    scribble[0, 0] = 1
+    targets = np.full((4, 4), 250, np.uint8)
+    targets[1, 1] = 1
+    fig, ax = plt.subplots()
+    show_pseudo_labels(ax, np.zeros((4, 4), np.uint8), scribble, targets)
+    shown = ax.get_images()[0].get_array()
+    solid = np.array(to_rgb(FG_COLOUR)) * 255
+    assert np.allclose(shown[0, 0], solid, atol=1)
+    assert np.allclose(shown[1, 1], 0.4 * solid, atol=1)  # a tint over a black image
+    assert tuple(shown[3, 3]) == (0, 0, 0)
+    plt.close(fig)

@@ -35,7 +35,8 @@ def test_environment_yml_installs_what_the_makefile_installs():
 def test_toc_lists_every_chapter():
     toc = yaml.safe_load((REPO / "_toc.yml").read_text())
     listed = [toc["root"]] + [c["file"] for part in toc["parts"] for c in part["chapters"]]
-    assert sorted(listed) == [f"book/{p.stem}" for p in CHAPTERS]
+    pages = CHAPTERS + sorted((REPO / "book").glob("*.md"))  # text pages: MyST Markdown
+    assert sorted(listed) == sorted(f"book/{p.stem}" for p in pages)
 
 
 @pytest.mark.parametrize("path", CHAPTERS, ids=lambda p: p.stem)
@@ -119,7 +120,11 @@ def test_book_check_finds_what_a_reader_must_not_meet(tmp_path):
     html = tmp_path / "html"
     (html / "book").mkdir(parents=True)
     (html / "_sources" / "book").mkdir(parents=True)
-    page = '<script src="../_static/mathjax/tex-chtml.js"></script><p>a page</p>'
+    page = (
+        '<script src="../_static/mathjax/tex-chtml.js"></script><p>a page</p>'
+        '<img src="../_images/a.png"><div class="cell_output"><div><pre>12</pre></div>'
+        "</div><table><tr><th>a</th></tr><tr><td>1</td></tr></table>"
+    )
     intro = page + "<p>Scribble2Label: scribble-supervised cell segmentation</p>"
     (html / "book" / "00_introduction.html").write_text(intro)
     (html / "book" / "01_data.html").write_text(page)
@@ -129,9 +134,13 @@ def test_book_check_finds_what_a_reader_must_not_meet(tmp_path):
     assert check.problems(html) == []
     bad = (
         '<script src="https://cdn.jsdelivr.net/npm/mathjax@3/es5/tex-chtml.js"></script>'
+        '<script src="https://cdn.jsdelivr.net/npm/@jupyter-widgets/html-manager"></script>'
         '<div class="cell tag_injected-parameters"></div> 100%|##| 3/3 [00:01<00:00, 2.9it/s]'
         "PreparedDataset('/root/.cache/scribble2label/bbbc038', 670 images)"
-    )
+        '<div class="cell_output"><div><style>' + "p {}" * 2000 + "</style><pre>"
+        + "row\n" * 1001 + "</pre></div></div><table><thead><tr><th>a</th></tr></thead>"
+        "<tbody></tbody></table>"
+    )  # fmt: skip
     (html / "book" / "01_data.html").write_text(bad)
     (html / "book" / "00_introduction.html").write_text(page)
     executed = nbformat.v4.new_notebook()
@@ -142,9 +151,53 @@ def test_book_check_finds_what_a_reader_must_not_meet(tmp_path):
     found = "\n".join(check.problems(html))
     for what in (
         "papermill's injected parameters cell", "a raw repr", "a progress bar",
-        "loads MathJax from the network", "serves an executed copy", "no bibliography",
+        "loads https://cdn.jsdelivr.net/npm/mathjax@3", "serves an executed copy",
+        "no bibliography", "loads https://cdn.jsdelivr.net/npm/@jupyter-widgets",
+        "cell output 1 shows 4004 characters", "table 1 is empty",
+        "01_data.html: a chapter without a figure",
     ):  # fmt: skip
         assert what in found, found
+    assert found.count("cell output") == 1  # style sheets are not shown text
+    (html / "_images").mkdir()
+    (html / "_images" / "a.png").write_bytes(b"0" * (check.MAX_FIGURE_BYTES + 1))
+    (html / "book" / "01_data.html").write_text(page)
+    (html / "book" / "00_introduction.html").write_text(intro)
+    nbformat.write(clean, html / "_sources" / "book" / "01_data.ipynb")
+    assert check.problems(html) == [
+        f"{name}.html: figure ../_images/a.png has {check.MAX_FIGURE_BYTES + 1} bytes"
+        for name in ("00_introduction", "01_data")
+    ]
+
+
+def test_live_widgets_leave_the_page_and_pictures_stay(tmp_path):
+    view = "application/vnd.jupyter.widget-view+json"
+    notebook = nbformat.v4.new_notebook()
+    notebook.metadata["widgets"] = {"application/vnd.jupyter.widget-state+json": {}}
+    only_widget = nbformat.v4.new_code_cell("session")
+    only_widget.outputs = [
+        nbformat.v4.new_output(
+            "execute_result", data={view: {"model_id": "a"}, "text/plain": "VBox(...)"}
+        )
+    ]
+    with_picture = nbformat.v4.new_code_cell("w")
+    with_picture.outputs = [
+        nbformat.v4.new_output(
+            "display_data", data={view: {"model_id": "b"}, "image/png": "iVBORw0KGgo="}
+        ),
+        nbformat.v4.new_output("stream", name="stdout", text="kept\n"),
+    ]
+    notebook.cells = [only_widget, with_picture, nbformat.v4.new_markdown_cell("text")]
+    path = tmp_path / "chapter.ipynb"
+    nbformat.write(notebook, path)
+    _tool("run_book").make_static(path)
+    nb = nbformat.read(path, 4)
+    assert "widgets" not in nb.metadata
+    assert nb.cells[0].outputs == []
+    assert [dict(o.get("data", {})) for o in nb.cells[1].outputs] == [
+        {"image/png": "iVBORw0KGgo="},
+        {},
+    ]
+    assert nb.cells[1].outputs[1]["text"] == "kept\n"
 
 
 @pytest.mark.parametrize("path", CHAPTERS, ids=lambda p: p.stem)
@@ -176,3 +229,35 @@ def test_each_page_says_how_it_was_made(tmp_path):
     assert len(banners) == 1 and cells[1] is banners[0] and len(cells) == 3
     assert "`cpu` profile" in banners[0].source and "1172 s" in banners[0].source
     assert "not results" not in banners[0].source  # only the smoke banner warns
+
+
+@pytest.mark.browser
+@pytest.mark.skipif(
+    not Path("/usr/bin/chromium").exists(), reason="needs Debian's chromium at /usr/bin/chromium"
+)
+def test_book_reader_meets_what_a_reader_would(tmp_path):
+    read_book = _tool("read_book")
+    html = tmp_path / "html"
+    (html / "book").mkdir(parents=True)
+    (html / "book" / "01_good.html").write_text(
+        '<html><body><div class="cell_input"><pre style="width: 900px">x = 1</pre></div>'
+        "</body></html>"
+    )
+    assert read_book.read(html, tmp_path / "shots", deadline=5) == []
+    assert (tmp_path / "shots" / "01_good.png").stat().st_size > 0
+    (html / "book" / "02_bad.html").write_text(
+        "<html><body><script>undefinedFunction()</script>"
+        '<img src="https://example.org/a.png">'
+        '<div class="cell_input"><pre style="width: 200px; overflow: auto">'
+        + "y = 2" + " + 2" * 100 + "</pre></div>"
+        f'<span {read_book.MATH_MARK}>\\(x^2\\)</span></body></html>'
+    )  # fmt: skip
+    found = "\n".join(read_book.read(html, tmp_path / "shots", deadline=2))
+    assert "01_good" not in found
+    for what in (
+        "02_bad.html: JavaScript error: undefinedFunction is not defined",
+        "02_bad.html: requests https://example.org/a.png from the network",
+        "02_bad.html: 1 code cell(s) cut off, e.g. 'y = 2 + 2",
+        "02_bad.html: MathJax typeset 0 of its 1 formulas",
+    ):
+        assert what in found, found

@@ -9,10 +9,14 @@ The committed notebooks in ``book/`` carry no outputs. This script
    with ``book/expected/`` (:mod:`check_drift`);
 3. builds the book from ``_build/src`` with Jupyter Book, execution off and warnings as
    errors; the HTML lands in ``_build/html``, its download buttons serve the chapters as
-   written, and :mod:`check_book` checks the pages as a reader meets them offline.
+   written, :mod:`check_book` checks the pages as a reader meets them offline, and
+   :mod:`read_book` reads every page in headless Chromium (where it is installed):
+   no JavaScript error, no request to the network, formulas typeset, no code cut off.
 
 Papermill's injected parameters cell is tagged ``remove-cell``, so a page shows the
-chapter's own parameters cell only.
+chapter's own parameters cell only; live widgets are left out of the pages
+(:func:`make_static`), which need no kernel and no network. Pages of the table of
+contents written in MyST Markdown (``.md``) are copied, not executed.
 
 A chapter that fails stops the run; its failing cell and traceback are printed, and the
 executed notebook (with the error in place) is kept in ``_build/src/book/``.
@@ -38,6 +42,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 BUILD = ROOT / "_build"
 SRC = BUILD / "src"
+WIDGET_VIEW = "application/vnd.jupyter.widget-view+json"
 
 
 def chapters_from_toc(toc_path: Path) -> list[str]:
@@ -77,6 +82,9 @@ def execute(chapters: list[str], parameters: dict, timings: dict, drift: bool = 
         source = ROOT / f"{chapter}.ipynb"
         target = SRC / f"{chapter}.ipynb"
         target.parent.mkdir(parents=True, exist_ok=True)
+        if not source.is_file():  # a page of text (MyST Markdown): nothing to execute
+            shutil.copy2(ROOT / f"{chapter}.md", SRC / f"{chapter}.md")
+            continue
         print(f"--- executing {chapter} with {parameters}", flush=True)
         start = time.perf_counter()
         try:
@@ -99,6 +107,7 @@ def execute(chapters: list[str], parameters: dict, timings: dict, drift: bool = 
         timings[chapter] = round(time.perf_counter() - start, 1)
         print(f"    done in {timings[chapter]} s", flush=True)
         hide_injected_parameters(target)
+        make_static(target)
         add_banner(target, parameters.get("profile", "?"), timings[chapter])
         if drift:
             sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -164,9 +173,36 @@ def hide_injected_parameters(notebook: Path) -> None:
     nbformat.write(nb, notebook)
 
 
+def make_static(notebook: Path) -> None:
+    """Leave no live widget on the page: a widget's view needs a kernel and JavaScript
+    from a CDN, which a static, offline book has neither of. The widget state is
+    dropped, and so is every output that is only a widget (the chapter shows a picture
+    of it instead); outputs that also carry a picture or text keep those."""
+    import nbformat
+
+    nb = nbformat.read(notebook, 4)
+    nb.metadata.pop("widgets", None)
+    for cell in nb.cells:
+        kept = []
+        for output in cell.get("outputs", []):
+            data = output.get("data", {})
+            if WIDGET_VIEW in data:
+                data.pop(WIDGET_VIEW)
+                if set(data) <= {"text/plain"}:
+                    continue  # a widget's repr, e.g. "VBox(children=...)"
+            kept.append(output)
+        if cell.cell_type == "code":
+            cell.outputs = kept
+    nbformat.write(nb, notebook)
+
+
 def build() -> None:
     for name in ("_config.yml", "_toc.yml"):
         shutil.copy2(ROOT / name, SRC / name)
+    # Pictures of the repository that the chapters show (e.g. the widget in JupyterLab).
+    (SRC / "docs").mkdir(exist_ok=True)
+    for picture in (ROOT / "docs").glob("*.png"):
+        shutil.copy2(picture, SRC / "docs" / picture.name)
     for extra in (ROOT / "book").iterdir():
         if extra.suffix not in (".ipynb",) and not extra.name.startswith("."):
             dest = SRC / "book" / extra.name
@@ -199,6 +235,19 @@ def build() -> None:
         print(f"book check: {problem}", file=sys.stderr)
     if found:
         raise SystemExit(1)
+    import read_book
+
+    if read_book.available():  # every page in Chromium, offline
+        start = time.perf_counter()
+        found = read_book.read(html, BUILD / "screenshots")
+        for problem in found:
+            print(f"book reader: {problem}", file=sys.stderr)
+        if found:
+            raise SystemExit(1)
+        seconds = time.perf_counter() - start
+        print(f"--- read every page in Chromium in {seconds:.0f} s: {BUILD / 'screenshots'}")
+    else:
+        print(f"--- no Chromium at {read_book.CHROMIUM}: the pages were not read in a browser")
     print(f"--- the book: {html / 'index.html'}")
 
 
