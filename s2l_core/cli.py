@@ -4,12 +4,19 @@
 - ``s2l train``: train Scribble2Label (or a baseline) on a BBBC038 modality or on a
   folder of your own images and scribbles, and write a checkpoint;
 - ``s2l predict``: label a folder of images with a checkpoint.
+
+``s2l train`` and ``s2l predict`` also run as several processes started by ``torchrun``
+(``torchrun --nproc_per_node=N $(which s2l) train ...``) or ``srun``: they share the
+work (:mod:`s2l_core.distributed`), the main process alone writes and reports, and a
+failure of one process stops them all.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
+import io
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -72,9 +79,13 @@ def _check_out(out: Path, state_path: Path, resume: bool) -> None:
 
 
 def _train(args: argparse.Namespace) -> int:
+    from s2l_core import distributed, train
     from s2l_core import samples as training_samples
-    from s2l_core import train
     from s2l_core.config import TrainConfig
+
+    main_process = distributed.is_main()
+    say = print if main_process else _silent
+    progress = not args.quiet and main_process
 
     overrides = {}
     for name in (
@@ -91,22 +102,33 @@ def _train(args: argparse.Namespace) -> int:
     config = TrainConfig.profile(args.profile, **overrides)
     out = Path(args.out)
     state_path = out.with_name(out.stem + ".state.pt")
-    _check_out(out, state_path, args.resume)
+
+    def check_out() -> bool:
+        _check_out(out, state_path, args.resume)
+        return args.resume and state_path.is_file()
+
+    # The main process decides, so that all resume or all start anew.
+    resume = distributed.on_main(check_out, "checking --out")
     if args.images:
         if not args.scribbles:
             raise ValueError("--images needs --scribbles (a folder of scribble images)")
-        samples = training_samples.load_folder_samples(
-            args.images, args.scribbles, scribble_format=args.scribble_format,
-            channel=args.channel,
-        )  # fmt: skip
+        # The main process alone lists the images it skips (errors are raised, not said).
+        with _said_by(main_process):
+            samples = training_samples.load_folder_samples(
+                args.images, args.scribbles, scribble_format=args.scribble_format,
+                channel=args.channel,
+            )  # fmt: skip
         val = []
     else:
         if args.channel is not None:
             raise ValueError("--channel applies to your own images (--images)")
-        dataset = data.prepare_dataset(args.source, args.cache_dir, progress=not args.quiet)
-        scribble_set = scribbles.prepare_scribbles(
-            dataset, [args.ratio], seed=args.scribble_seed, progress=not args.quiet
-        )
+        # Several processes prepare the cache one after the other (it is locked): the
+        # first does the work, the others find it done; the main process reports.
+        with _said_by(main_process):
+            dataset = data.prepare_dataset(args.source, args.cache_dir, progress=progress)
+            scribble_set = scribbles.prepare_scribbles(
+                dataset, [args.ratio], seed=args.scribble_seed, progress=progress
+            )
         full = args.baseline == "full"
         samples = training_samples.load_samples(
             dataset, dataset.ids(args.modality, "train"), scribble_set, args.ratio,
@@ -115,18 +137,19 @@ def _train(args: argparse.Namespace) -> int:
         val = training_samples.load_samples(
             dataset, dataset.ids(args.modality, "val"), scribble_set, args.ratio
         )
-    if args.resume and state_path.is_file():
+    if resume:
         trainer = train.Trainer.resume(state_path, samples, val=val, device=args.device)
-        print(f"resumed from {state_path} at epoch {trainer.epoch}")
-        _say_kept(trainer.config.to_dict(), config.to_dict(), set(overrides) | {"profile"})
+        say(f"resumed from {state_path} at epoch {trainer.epoch}{_processes_note(trainer)}")
+        if main_process:
+            _say_kept(trainer.config.to_dict(), config.to_dict(), set(overrides) | {"profile"})
         total = args.epochs if args.epochs is not None else trainer.config.epochs
         if trainer.epoch >= total:
-            print(f"{state_path} has trained {trainer.epoch} epochs already (asked: {total})")
+            say(f"{state_path} has trained {trainer.epoch} epochs already (asked: {total})")
     else:
-        if args.resume:
+        if args.resume and main_process:
             print(f"no training state at {state_path}: starting anew", file=sys.stderr)
         trainer = train.Trainer(samples, config, val=val, device=args.device)
-    history = trainer.fit(args.epochs, checkpoint=state_path, progress=not args.quiet)
+    history = trainer.fit(args.epochs, checkpoint=state_path, progress=progress)
     from s2l_core.predict import Preset
 
     extra = {"baseline": args.baseline, "profile": args.profile}
@@ -135,9 +158,32 @@ def _train(args: argparse.Namespace) -> int:
         extra["channel"] = args.channel  # s2l predict takes the same channel by default
     trainer.export(out, extra=extra)
     history_path = out.with_name(out.stem + ".history.csv")
-    history.to_csv(history_path, index=False)
-    print(f"model: {out}\ntraining state: {state_path}\nhistory: {history_path}")
+    distributed.on_main(
+        lambda: history.to_csv(history_path, index=False), f"writing the history {history_path}"
+    )
+    say(f"model: {out}\ntraining state: {state_path}\nhistory: {history_path}")
     return 0
+
+
+def _silent(*args: Any, **kwargs: Any) -> None:
+    """``print`` for the processes other than the main one: they say nothing."""
+
+
+def _said_by(main_process: bool) -> contextlib.AbstractContextManager:
+    """Where the other processes of a run would say the same as the main one (skipped
+    files, waiting for the cache's lock), only the main one says it; errors are raised,
+    not said, so none is lost."""
+    if main_process:
+        return contextlib.nullcontext()
+    return contextlib.redirect_stderr(io.StringIO())
+
+
+def _processes_note(trainer: Any) -> str:
+    """Where a resumed state was written by another number of processes: say so."""
+    before, now = trainer.resumed_world_size, trainer.world_size
+    if before is None or before == now:
+        return ""
+    return f" (written by {before} process{'es' if before != 1 else ''}, continued by {now})"
 
 
 def _say_kept(saved: dict, asked: dict, given: set[str]) -> None:
@@ -213,6 +259,7 @@ def smooth_argument(text: str) -> float:
 
 
 def _predict(args: argparse.Namespace) -> int:
+    from s2l_core import distributed
     from s2l_core.predict import FolderOutput, Preset, predict_folder
 
     # The checkpoint's preset, with the settings given on the command line.
@@ -228,7 +275,8 @@ def _predict(args: argparse.Namespace) -> int:
         args.checkpoint, args.input_dir, args.output_dir, preset=preset, output=output,
         channel=args.channel, device=args.device, progress=not args.quiet,
     )  # fmt: skip
-    print(f"wrote {len(written)} label images to {args.output_dir}")
+    if distributed.is_main():
+        print(f"wrote {len(written)} label images to {args.output_dir}")
     return 0
 
 
@@ -434,20 +482,49 @@ def main(argv: Sequence[str] | None = None) -> int:
     an output that would replace something); 1 when the system fails the run (a folder
     that cannot be written, a full disk) or it is interrupted (Ctrl-C). Every error is
     one line on stderr that names the file and what to do.
+
+    Started by ``torchrun`` or ``srun`` (:func:`s2l_core.distributed.setup`), ``train``
+    and ``predict`` join the other processes first; errors then name the process
+    (``s2l train (process 1 of 4): error: ...``). When one process fails, the others
+    stop too: with 2 where they learn of its failure
+    (:class:`s2l_core.distributed.RankFailed`), with 1 where they lose it
+    (:class:`s2l_core.distributed.CollectiveError`).
     """
     parser = build_parser()
     args = parser.parse_args(argv)
+    who = f"s2l {args.command}"
+    together = False
     try:
-        return args.func(args)
+        if args.command in ("train", "predict"):
+            together = _join_processes(args.device)
+            if together:
+                from s2l_core.distributed import process_label
+
+                who += process_label()
+        status = args.func(args)
     except KeyboardInterrupt:
-        print(f"s2l {args.command}: interrupted; {_interrupted(args)}", file=sys.stderr)
+        print(f"{who}: interrupted; {_interrupted(args)}", file=sys.stderr)
         return 1
     except (ValueError, FileNotFoundError, RuntimeError) as err:
-        print(f"s2l {args.command}: error: {err}", file=sys.stderr)
-        return 2
+        print(f"{who}: error: {err}", file=sys.stderr)
+        # A DistributedError says which: 1 for a lost process, 2 for another's failure.
+        return getattr(err, "exit_status", 2)
     except OSError as err:
-        print(f"s2l {args.command}: error: {_os_error(err)}", file=sys.stderr)
+        print(f"{who}: error: {_os_error(err)}", file=sys.stderr)
         return 1
+    if together:  # after a failure the process just exits: the group may be broken
+        from s2l_core.distributed import teardown
+
+        teardown()
+    return status
+
+
+def _join_processes(device: str) -> bool:
+    """Under torchrun or srun, join the other processes of the launch
+    (:func:`s2l_core.distributed.setup`); whether there are others."""
+    from s2l_core.distributed import setup
+
+    return setup(device)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -11,11 +11,13 @@
 - :func:`predict_folder` predicts every image of a folder (grey, RGB, RGBA, 8- or 16-bit,
   any size) into label images with the same file names, which napari and Fiji open as
   labels. The output folder appears only once every image is written, so a partial
-  output is never mistaken for a finished one.
+  output is never mistaken for a finished one. Under ``torchrun`` the processes share
+  the images (:mod:`s2l_core.distributed`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
@@ -30,6 +32,7 @@ from skimage.morphology import h_maxima
 from skimage.segmentation import relabel_sequential, watershed
 from tqdm.auto import tqdm
 
+from s2l_core import distributed
 from s2l_core.augment import normalize_image, select_channel
 from s2l_core.checkpoint import load_checkpoint
 from s2l_core.checks import (
@@ -691,6 +694,10 @@ def list_images(folder: str | os.PathLike) -> list[Path]:
 #: The record ``predict_folder`` writes into its output folder, last.
 MANIFEST = "s2l_predict.json"
 
+#: Images each process predicts between two agreements of :func:`predict_folder`'s
+#: processes (several processes only; alone, a round is just the next images).
+_PREDICT_ROUND = 8
+
 
 def _output_plan(
     files: list[Path], suffix: str | None, save_probability: bool
@@ -906,21 +913,44 @@ def predict_folder(
         unreadable image is found before any image is read.
     OSError
         An output folder that cannot be written (found before any work) or a full disk.
+    s2l_core.distributed.DistributedError
+        With several processes, on the processes that did not fail themselves: another
+        process failed (:class:`~s2l_core.distributed.RankFailed`, repeating its error)
+        or was lost (:class:`~s2l_core.distributed.CollectiveError`).
 
     Notes
     -----
     Nothing is left half-written: a new output folder appears only when every image is
     done; into an existing folder the results are moved only when every image is done,
     and ``s2l_predict.json``, written last, records them (``"complete": true``).
+
+    With several processes (``torchrun``, :mod:`s2l_core.distributed`), process r
+    predicts images r, r + N, ... (in sorted order) on its own device, into the one
+    temporary folder that the main process made; the main process checks the folders
+    and, when every process has written its share, moves the results into place and
+    writes the record. A failure of any process fails all of them, and nothing is
+    written. The input, the checkpoint and the output folder must then lie on a file
+    system that every process sees. Every process returns the whole list.
     """
     output = output or FolderOutput()
     mode = output.mode
-    files = list_images(input_dir)
-    plan = _output_plan(files, output.suffix, output.probability)
     output_dir = Path(output_dir)
+
+    def check() -> tuple[list[tuple[Path, str, str | None]], set[str]]:
+        files = list_images(input_dir)
+        plan = _output_plan(files, output.suffix, output.probability)
+        names = [n for _, *pair in plan for n in pair if n]
+        return plan, _check_output_dir(output_dir, Path(input_dir), names, output.overwrite)
+
+    # The main process checks the folders and makes the plan that every process follows.
+    plan, owned = distributed.on_main(check, "checking the input and output folders")
+    files = [path for path, _, _ in plan]
     names = [n for _, *pair in plan for n in pair if n]
-    owned = _check_output_dir(output_dir, Path(input_dir), names, output.overwrite)
-    model, state = load_model(checkpoint, device)
+    if distributed.is_distributed():
+        device = distributed.local_device(device)
+    model, state = distributed.on_every_rank(
+        lambda: load_model(checkpoint, device), f"loading {checkpoint}"
+    )
     preset = preset or Preset.of_checkpoint(state)
     device = next(model.parameters()).device
     if channel is None:
@@ -936,8 +966,17 @@ def predict_folder(
         "complete": True,
     }
 
-    def predict_into(folder: Path) -> None:
-        for path, label, prob_name in tqdm(plan, desc="predict", disable=not progress):
+    mine = len(distributed.share(len(plan)))
+    desc = "predict" if mine == len(plan) else f"predict ({mine} of {len(plan)} here)"
+
+    def predict_into(folder: Path, indices: list[int]) -> None:
+        if not folder.is_dir():  # another machine's folder: never make one here
+            raise FileNotFoundError(
+                f"the temporary output folder {folder}, made by the main process, is not "
+                "visible to this process: the output folder must lie on a file system "
+                "that every process sees"
+            )
+        for path, label, prob_name in (plan[i] for i in indices):
             image = read_image(path)
             try:
                 prob, labels = predict_image(
@@ -949,20 +988,48 @@ def predict_folder(
             save_labels(folder / label, labels)
             if prob_name:
                 write_image(folder / prob_name, prob.astype(np.float32))
+            bar.update(1)
 
-    if not output_dir.exists():
-        remove_stale(output_dir)
-        with atomic_dir(output_dir, replace=False) as tmp:
-            predict_into(tmp)
-            write_json(tmp / MANIFEST, record)
-    else:
-        remove_stale(output_dir / MANIFEST)
-        with temporary_dir(output_dir / MANIFEST) as tmp:
-            predict_into(tmp)
-            # Recorded before the moves, so that an interrupted move leaves a record
-            # that owns every file and does not look finished.
-            record_outputs(output_dir, dict(record, complete=False), owned)
-            for name in names:
-                os.replace(tmp / name, output_dir / name)
-            record_outputs(output_dir, record, owned)
+    # The main process holds the temporary folder: it is removed if anything fails.
+    with contextlib.ExitStack() as held:
+
+        def make_folder() -> tuple[Path, bool]:
+            new = not output_dir.exists()
+            if new:
+                remove_stale(output_dir)
+                return held.enter_context(atomic_dir(output_dir, replace=False)), new
+            remove_stale(output_dir / MANIFEST)
+            return held.enter_context(temporary_dir(output_dir / MANIFEST)), new
+
+        tmp, new = distributed.on_main(make_folder, "making the temporary output folder")
+        bar = tqdm(total=mine, desc=desc, disable=not (progress and distributed.is_main()))
+        # Every few images the processes agree that all went well, so that none waits
+        # long for the others and a failure stops them all soon.
+        for indices in distributed.rounds(len(plan), _PREDICT_ROUND):
+            distributed.on_every_rank(
+                functools.partial(predict_into, tmp, indices),
+                "predicting its share of the images",
+            )
+        bar.close()
+
+        def finish() -> None:
+            missing = [name for name in names if not (tmp / name).is_file()]
+            if missing:
+                raise FileNotFoundError(
+                    f"{len(missing)} result(s) missing from {tmp}, e.g. {missing[0]}: the "
+                    "processes that wrote them saw another folder; the output folder must "
+                    "lie on a file system that every process sees"
+                )
+            if new:
+                write_json(tmp / MANIFEST, record)
+            else:
+                # Recorded before the moves, so that an interrupted move leaves a record
+                # that owns every file and does not look finished.
+                record_outputs(output_dir, dict(record, complete=False), owned)
+                for name in names:
+                    os.replace(tmp / name, output_dir / name)
+                record_outputs(output_dir, record, owned)
+            held.close()  # a new folder takes its place now; a temporary one goes
+
+        distributed.on_main(finish, f"moving the results into {output_dir}")
     return [output_dir / label for _, label, _ in plan]

@@ -13,6 +13,25 @@ Everything needed to continue exactly is checkpointed — model, optimiser, sche
 store, random number generator states, epoch, history and configuration — so a run that
 is interrupted and resumed gives the same result as one run straight through (on the CPU).
 
+Several processes (``torchrun``, :mod:`s2l_core.distributed`) train one network
+together, data-parallel; one process alone runs exactly as without them:
+
+- the network is wrapped in ``DistributedDataParallel`` (:attr:`Trainer.step_model`),
+  which averages every step's gradients over the processes, so all hold the same weights;
+- every process draws the same permutation of the epoch's samples from the seeded
+  generator (so that generator's state stays the same everywhere) and trains on every
+  N-th crop of it, ``batch_size`` crops per step: a step sees N × ``batch_size`` crops
+  and an epoch has about 1/N as many steps. Each process augments with its own
+  generator, made afresh every epoch from the seed, the epoch and its rank;
+- the EMA pass is shared (image i on process i mod N); the predictions are exchanged and
+  every process folds all of them into its store in the same order, so every store holds
+  the same maps. Validation is shared the same way; every process gets the same history
+  row (losses averaged over the processes) and so selects the same best weights;
+- the main process alone writes checkpoints, atomically, and the others wait for it. The
+  training state does not depend on the number of processes, apart from the iteration
+  count (steps taken) and ``world_size`` (the number that wrote it): a state written by N
+  processes resumes in any number of them.
+
 The same :class:`Trainer` trains the baselines, so comparisons are like for like:
 ``use_pseudo=False`` is pCE only, and :func:`load_samples` with ``full_masks=True`` turns
 the full masks into "scribbles" that cover every pixel (full supervision).
@@ -31,7 +50,14 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from s2l_core.augment import crops_to_device, random_crops
+from s2l_core import distributed
+from s2l_core.augment import (
+    CropSource,
+    crops_to_device,
+    draw_crop_params,
+    random_crops,
+    render_crops,
+)
 from s2l_core.checkpoint import (
     CHECKPOINT_FORMAT,
     load_checkpoint,
@@ -56,6 +82,12 @@ from s2l_core.samples import TrainSample, check_training_set
 
 __all__ = ["Trainer", "train_step"]
 
+#: Spawn key of the per-process augmentation generators of a multi-process run (a
+#: stream of the seed apart from :attr:`Trainer.rng`'s).
+_AUGMENT_STREAM = 0x5_32_4C
+#: Validation images per process between two exchanges of scores (several processes).
+_VALIDATION_ROUND = 8
+
 
 def train_step(
     model: torch.nn.Module,
@@ -76,7 +108,9 @@ def train_step(
     Parameters
     ----------
     model : torch.nn.Module
-        The network, in training mode.
+        The network, in training mode; in a run of several processes, the network in
+        ``DistributedDataParallel`` (:attr:`Trainer.step_model`), whose backward pass
+        averages the gradients over the processes.
     optimizer : torch.optim.Optimizer
         Its optimiser.
     batch : dict
@@ -96,7 +130,8 @@ def train_step(
         ``loss`` and its parts: ``pce``, ``pseudo``, ``pseudo_fraction``, ``affinity``,
         ``dice`` (0 where a term is off).
     """
-    x, scribble, valid, ema = batch["image"], batch["scribble"], batch["valid"], batch["ema"]
+    x, scribble, valid = batch["image"], batch["scribble"], batch["valid"]
+    ema = batch["ema"]
     use_pseudo = ema is not None
     with autocast_context(x.device, config.amp, bf16):
         logits = model(x)
@@ -105,14 +140,16 @@ def train_step(
         logits, scribble, ema, tau=config.tau, lam=config.lam, use_pseudo=use_pseudo,
         valid=valid, check=False,
     )  # fmt: skip
-    out = {"pce": parts.pce, "pseudo": parts.pseudo, "pseudo_fraction": parts.pseudo_fraction}
+    out = {"pce": parts.pce, "pseudo": parts.pseudo}
+    out["pseudo_fraction"] = parts.pseudo_fraction
     out["affinity"] = out["dice"] = 0.0
     if config.affinity > 0:
         smooth = affinity_loss(logits, x, valid, sigma_intensity=config.affinity_sigma)
         loss = loss + config.affinity * smooth
         out["affinity"] = float(smooth.detach())
     if config.dice > 0:
-        overlap = dice_loss(logits, dice_targets(scribble, ema, valid, tau=config.tau, check=False))
+        targets = dice_targets(scribble, ema, valid, tau=config.tau, check=False)
+        overlap = dice_loss(logits, targets)
         loss = loss + config.dice * overlap
         out["dice"] = float(overlap.detach())
     optimizer.zero_grad(set_to_none=True)
@@ -139,9 +176,17 @@ class Trainer:
     val : list of TrainSample, optional
         Validation images (scribbles; full labels if known).
     device : str or torch.device, optional
-        ``"auto"`` (CUDA when present, else the CPU), ``"cpu"`` or ``"cuda"``.
+        ``"auto"`` (CUDA when present, else the CPU), ``"cpu"`` or ``"cuda"``. In a run of
+        several processes, ``"auto"`` and ``"cuda"`` are this process's own GPU,
+        ``cuda:LOCAL_RANK`` (:func:`s2l_core.distributed.local_device`).
     verbose : bool, optional
-        Say which device was chosen.
+        Say which device was chosen (the main process only).
+
+    Notes
+    -----
+    Under ``torchrun``, call :func:`s2l_core.distributed.setup` first and give every
+    process the same samples, in the same order, and the same configuration (checked
+    here); the module docstring says how the work is shared.
 
     Examples
     --------
@@ -162,9 +207,17 @@ class Trainer:
         self.train_samples = list(train)
         self.val_samples = list(val or [])
         self.config = config
-        self.device = (
-            device if isinstance(device, torch.device) else pick_device(device, verbose=verbose)
-        )
+        #: Processes training together (1 without a launcher) and this one's index.
+        self.world_size = distributed.world_size()
+        self.rank = distributed.rank()
+        verbose = verbose and self.rank == 0
+        if self.world_size > 1:
+            self._check_same_everywhere()
+            self.device = distributed.local_device(device, verbose=verbose)
+        else:
+            self.device = (
+                device if isinstance(device, torch.device) else pick_device(device, verbose=verbose)
+            )
         #: bfloat16 autocast on this CPU (asked for and native), used in every pass.
         self.cpu_bf16 = cpu_bf16_wanted(config.cpu_bf16, self.device, verbose=verbose)
         set_seed(config.seed)
@@ -173,6 +226,9 @@ class Trainer:
         if config.channels_last:
             self.model.to(memory_format=torch.channels_last)
         self.optimizer, self.scheduler = config.optimizer_for(self.model)
+        #: The module :func:`train_step` trains: :attr:`model` itself, or with several
+        #: processes :attr:`model` in ``DistributedDataParallel`` (same parameters).
+        self.step_model = distributed.wrap_model(self.model, self.device)
         # Loss scaling for float16, where CUDA has no bfloat16 (off elsewhere).
         fp16 = self.device.type == "cuda" and config.amp and not torch.cuda.is_bf16_supported()
         self.scaler = torch.amp.GradScaler("cuda", enabled=fp16)
@@ -186,19 +242,79 @@ class Trainer:
         self.iteration = 0
         self.history: list[dict] = []
         self.best: dict | None = None
+        #: Processes that wrote the state this trainer resumed from (None: not resumed).
+        self.resumed_world_size: int | None = None
+        #: On a GPU the training images live there and every batch of crops is made
+        #: there in one batched resampling (:func:`s2l_core.augment.render_crops`, the
+        #: same random choices as :func:`s2l_core.augment.random_crops`); on the CPU
+        #: the crops are made one by one, which is as fast there and bit-exact.
+        self.crop_source = (
+            CropSource(
+                [s.image for s in self.train_samples],
+                [s.scribble for s in self.train_samples],
+                self.device,
+            )
+            if self.device.type == "cuda"
+            else None
+        )
+        self._ema_version = 0  # changes with the EMA store, which the source copies
+        self._source_ema_version = -1
+
+    def _check_same_everywhere(self) -> None:
+        """Refuse processes that were given other samples or settings than the main one
+        (they would train different networks under one name)."""
+        mine = {
+            "train": [(s.image_id, s.scribble.shape) for s in self.train_samples],
+            "val": [(s.image_id, s.scribble.shape) for s in self.val_samples],
+            "config": self.config.to_dict(),
+        }
+        views = distributed.all_gather_object(mine, "comparing the training sets")
+        for other, view in enumerate(views):
+            for key in ("train", "val", "config"):
+                if view[key] != views[0][key]:
+                    what = {"train": "training samples", "val": "validation samples"}
+                    raise ValueError(
+                        f"process {other} of {self.world_size} was given other "
+                        f"{what.get(key, 'settings')} than process 0: every process must "
+                        "load the same images, in the same order, with the same "
+                        "configuration (are the data on a file system every machine sees?)"
+                    )
 
     # ------------------------------------------------------------------ one epoch
 
     def iterations_per_epoch(self) -> int:
-        """Batches per epoch."""
+        """Batches (optimiser steps) per epoch: each process trains on its share of the
+        epoch's crops, ``batch_size`` at a time."""
         n = self.config.samples_per_epoch or len(self.train_samples)
-        return math.ceil(n / self.config.batch_size)
+        return math.ceil(math.ceil(n / self.world_size) / self.config.batch_size)
 
     def _epoch_order(self) -> np.ndarray:
         n = self.config.samples_per_epoch or len(self.train_samples)
         reps = math.ceil(n / len(self.train_samples))
         order = np.concatenate([self.rng.permutation(len(self.train_samples)) for _ in range(reps)])
         return order[:n]
+
+    def _share_of(self, order: np.ndarray) -> np.ndarray:
+        """This process's crops of the epoch's order: every N-th, from its rank, of the
+        order repeated to a multiple of N (so that every process takes as many steps);
+        the whole order alone."""
+        n = self.world_size
+        if n == 1:
+            return order
+        per_process = math.ceil(len(order) / n)
+        return np.resize(order, per_process * n)[self.rank :: n]
+
+    def _augment_rng(self) -> np.random.Generator:
+        """The generator of this epoch's crops and augmentations: :attr:`rng` alone; with
+        several processes, one of this process's own, made from the seed, the epoch and
+        the rank (so that it needs no saving and a run resumes at any number of
+        processes)."""
+        if self.world_size == 1:
+            return self.rng
+        seed = np.random.SeedSequence(
+            self.config.seed, spawn_key=(_AUGMENT_STREAM, self.epoch, self.rank)
+        )
+        return np.random.default_rng(seed)
 
     def pseudo_active(self) -> bool:
         """Whether this epoch uses pseudo-labels (after warm-up, once the EMA has data)."""
@@ -211,27 +327,43 @@ class Trainer:
         return min((self.ema.n_updates(i) for i in self.ema.ids), default=0)
 
     def train_epoch(self, progress: bool = False) -> dict:
-        """Train one epoch (:func:`train_step` on every batch); return its averages."""
+        """Train one epoch (:func:`train_step` on every batch); return its averages.
+
+        With several processes, each trains on its share of the epoch's crops and the
+        averages are over all of them (the same row on every process); ``seconds`` is
+        the slowest process's and ``crops_per_s`` counts the crops of all.
+        """
         c = self.config
-        self.model.train()
+        self.step_model.train()
         use_pseudo = self.pseudo_active()
-        order = self._epoch_order()
+        order = self._share_of(self._epoch_order())
+        rng = self._augment_rng()
         sums = dict.fromkeys(("loss", "pce", "pseudo", "affinity", "dice", "pseudo_fraction"), 0.0)
         n_batches = 0
         start = time.perf_counter()
         batches = range(0, len(order), c.batch_size)
-        for b in tqdm(batches, desc=f"epoch {self.epoch}", disable=not progress, leave=False):
-            chosen = [self.train_samples[k] for k in order[b : b + c.batch_size]]
-            crops = random_crops(
-                [s.image for s in chosen],
-                [s.scribble for s in chosen],
-                [self.ema.get(s.image_id) if use_pseudo else None for s in chosen],
-                self.rng,
-                c.augment,
-            )
+        show = progress and self.rank == 0
+        source = self.crop_source
+        if source is not None and use_pseudo and self._source_ema_version != self._ema_version:
+            source.set_emas([self.ema.get(s.image_id) for s in self.train_samples])
+            self._source_ema_version = self._ema_version
+        for b in tqdm(batches, desc=f"epoch {self.epoch}", disable=not show, leave=False):
+            ids = order[b : b + c.batch_size]
+            if source is not None:
+                params = draw_crop_params([source.shape(k) for k in ids], rng, c.augment)
+                crops = render_crops(params, source, ids, with_ema=use_pseudo)
+            else:
+                chosen = [self.train_samples[k] for k in ids]
+                crops = random_crops(
+                    [s.image for s in chosen],
+                    [s.scribble for s in chosen],
+                    [self.ema.get(s.image_id) if use_pseudo else None for s in chosen],
+                    rng,
+                    c.augment,
+                )
             batch = crops_to_device(crops, self.device, c.channels_last, use_pseudo)
             parts = train_step(
-                self.model, self.optimizer, batch, c, scaler=self.scaler, bf16=self.cpu_bf16
+                self.step_model, self.optimizer, batch, c, scaler=self.scaler, bf16=self.cpu_bf16
             )
             self.scheduler.step()
             self.iteration += 1
@@ -239,6 +371,13 @@ class Trainer:
             for key in sums:
                 sums[key] += parts[key]
         seconds = time.perf_counter() - start
+        crops_done = len(order)
+        if self.world_size > 1:
+            sums, n_batches, seconds, crops_done = self._combine(
+                sums, n_batches, seconds, crops_done
+            )
+            # Batch norm statistics drift apart in the last step: the main process's count.
+            distributed.broadcast_buffers(self.model)
         row = {k: v / max(n_batches, 1) for k, v in sums.items()}
         row.update(
             epoch=self.epoch,
@@ -246,9 +385,25 @@ class Trainer:
             lr=self.optimizer.param_groups[1]["lr"],
             pseudo_active=use_pseudo,
             seconds=seconds,
-            crops_per_s=len(order) / seconds if seconds > 0 else float("nan"),
+            crops_per_s=crops_done / seconds if seconds > 0 else float("nan"),
         )
         return row
+
+    @staticmethod
+    def _combine(
+        sums: dict[str, float], n_batches: int, seconds: float, crops: int
+    ) -> tuple[dict[str, float], int, float, int]:
+        """Every process's loss sums, batches and crops of an epoch, added up in rank
+        order (so the same on every process), and the slowest process's seconds."""
+        parts = distributed.all_gather_object(
+            (sums, n_batches, seconds, crops), "averaging the epoch's losses"
+        )
+        total = dict.fromkeys(sums, 0.0)
+        for part, *_ in parts:
+            for key in total:
+                total[key] += part[key]
+        batches = sum(p[1] for p in parts)
+        return total, batches, max(p[2] for p in parts), sum(p[3] for p in parts)
 
     # ------------------------------------------------------------------ EMA and validation
 
@@ -264,18 +419,41 @@ class Trainer:
         )
 
     def update_ema(self, progress: bool = False) -> dict:
-        """Predict every training image and fold it into the EMA store."""
+        """Predict every training image and fold it into the EMA store.
+
+        With N processes, image i is predicted by process i mod N; each round of N
+        predictions is exchanged and every process folds all of them into its store in
+        the order of the images, so that every store holds the same maps (the maps one
+        process alone makes from the same network). Pseudo-label accuracy and coverage
+        (where full labels are known) are the means over all images, on every process.
+        """
         start = time.perf_counter()
-        accuracies, coverages = [], []
-        for s in tqdm(self.train_samples, desc="EMA", disable=not progress, leave=False):
-            self.ema.update(s.image_id, self.predict(s.image))
-            if s.labels is not None:
+        samples, n, rank = self.train_samples, self.world_size, self.rank
+        quality: dict[int, tuple[float | None, float]] = {}
+        bar = tqdm(
+            total=len(samples), desc="EMA", disable=not (progress and rank == 0), leave=False
+        )
+        for first in range(0, len(samples), n):
+            own = first + rank
+            prob = self.predict(samples[own].image) if own < len(samples) else None
+            round_ = [prob] if n == 1 else distributed.all_gather_object(prob, "the EMA pass")
+            for k, p in enumerate(round_[: len(samples) - first]):
+                self.ema.update(samples[first + k].image_id, p)
+            self._ema_version += 1
+            if own < len(samples) and samples[own].labels is not None:
+                s = samples[own]
                 q = pseudo_label_accuracy(
                     self.ema, s.image_id, s.labels > 0, s.scribble, self.config.tau
                 )
-                if q.n_labelled:
-                    accuracies.append(q.accuracy)
-                coverages.append(q.coverage)
+                quality[own] = (q.accuracy if q.n_labelled else None, q.coverage)
+            bar.update(min(n, len(samples) - first))
+        bar.close()
+        if n > 1:
+            for part in distributed.all_gather_object(quality, "the EMA pass's accuracy"):
+                quality.update(part)
+        ordered = [quality[i] for i in sorted(quality)]
+        accuracies = [a for a, _ in ordered if a is not None]
+        coverages = [c for _, c in ordered]
         row = {"ema_seconds": time.perf_counter() - start}
         if coverages:
             row["pseudo_coverage"] = float(np.mean(coverages))
@@ -283,16 +461,30 @@ class Trainer:
         return row
 
     def validate(self) -> dict:
-        """Scribble loss (needs only scribbles) and, where full masks exist, IoU."""
+        """Scribble loss (needs only scribbles) and, where full masks exist, IoU.
+
+        With N processes, image i is scored by process i mod N and the scores are
+        exchanged (every few images): every process returns the same means.
+        """
         if not self.val_samples:
             return {}
-        ious, losses = [], []
-        for s in self.val_samples:
-            prob = self.predict(s.image)
-            if (s.scribble != UNLABELLED).any():
-                losses.append(scribble_cross_entropy(prob, s.scribble))
-            if s.labels is not None:
-                ious.append(foreground_iou(prob > 0.5, s.labels > 0))
+        scores: dict[int, tuple[float | None, float | None]] = {}
+        for mine in distributed.rounds(len(self.val_samples), _VALIDATION_ROUND):
+            found = {}
+            for i in mine:
+                s = self.val_samples[i]
+                prob = self.predict(s.image)
+                loss = iou = None
+                if (s.scribble != UNLABELLED).any():
+                    loss = scribble_cross_entropy(prob, s.scribble)
+                if s.labels is not None:
+                    iou = foreground_iou(prob > 0.5, s.labels > 0)
+                found[i] = (loss, iou)
+            for part in distributed.all_gather_object(found, "validation"):
+                scores.update(part)
+        ordered = [scores[i] for i in sorted(scores)]
+        losses = [loss for loss, _ in ordered if loss is not None]
+        ious = [iou for _, iou in ordered if iou is not None]
         row = {}
         if losses:
             row["val_scribble_loss"] = float(np.mean(losses))
@@ -344,10 +536,11 @@ class Trainer:
         c = self.config
         total = c.epochs if epochs is None else whole_number("epochs", epochs, 0)
         whole_number("checkpoint_every", checkpoint_every, 1)
-        bar = tqdm(total=total, initial=self.epoch, desc="training", disable=not progress)
+        show = progress and self.rank == 0
+        bar = tqdm(total=total, initial=self.epoch, desc="training", disable=not show)
         while self.epoch < total:
             start = time.perf_counter()
-            row = self.train_epoch(progress=False)
+            row = self._train_epoch_together()
             last = self.epoch == total - 1
             if c.val_every and ((self.epoch + 1) % c.val_every == 0 or last):
                 row.update(self.validate())
@@ -367,6 +560,21 @@ class Trainer:
                 self.save(checkpoint)
         bar.close()
         return self.history_frame()
+
+    def _train_epoch_together(self) -> dict:
+        """:meth:`train_epoch`; with several processes, an error here (where the
+        processes meet at every step) says that another process may be its cause."""
+        if self.world_size == 1:
+            return self.train_epoch(progress=False)
+        try:
+            return self.train_epoch(progress=False)
+        except distributed.DistributedError:
+            raise
+        except RuntimeError as err:
+            raise RuntimeError(
+                f"training epoch {self.epoch} stopped{distributed.process_label()}: {err} "
+                "(if another process failed first, its error, printed above, is the cause)"
+            ) from err
 
     def history_frame(self) -> pd.DataFrame:
         """The history as a table (one row per epoch)."""
@@ -398,19 +606,30 @@ class Trainer:
             "history": self.history,
             "best": self.best,
             "train_ids": [s.image_id for s in self.train_samples],
+            "world_size": self.world_size,
         }
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write the training state to ``path`` atomically (removing the temporaries of
-        killed runs that wrote there)."""
+        killed runs that wrote there).
+
+        With several processes the main process writes it and the others wait until it
+        is written (or fail with it, :func:`s2l_core.distributed.on_main`); the state is
+        the same on every process.
+        """
         path = Path(path)
-        remove_stale(path)
-        with atomic_path(path) as tmp:
-            torch.save(self.state_dict(), tmp)
+
+        def write() -> None:
+            remove_stale(path)
+            with atomic_path(path) as tmp:
+                torch.save(self.state_dict(), tmp)
+
+        distributed.on_main(write, f"writing the training state {path}")
         return path
 
     def load_state_dict(self, state: dict) -> None:
-        """Restore a state from :meth:`state_dict` (same samples and configuration)."""
+        """Restore a state from :meth:`state_dict` (same samples and configuration),
+        written by any number of processes."""
         if state.get("kind") != "training":
             raise ValueError("not a training checkpoint (it holds no optimiser or EMA state)")
         ids = [s.image_id for s in self.train_samples]
@@ -424,11 +643,13 @@ class Trainer:
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
         self.ema.load_state_dict(state["ema"])
+        self._ema_version += 1
         restore_rng_state(self.rng, state["rng"])
         self.epoch = int(state["epoch"])
         self.iteration = int(state["iteration"])
         self.history = list(state["history"])
         self.best = state["best"]
+        self.resumed_world_size = int(state.get("world_size", 1))
 
     @classmethod
     def resume(
@@ -440,8 +661,9 @@ class Trainer:
         device: str | torch.device = "auto",
         verbose: bool = True,
     ) -> Trainer:
-        """Rebuild a trainer from a training checkpoint and continue where it stopped."""
-        state = load_checkpoint(path)
+        """Rebuild a trainer from a training checkpoint and continue where it stopped
+        (with any number of processes: every process reads ``path``)."""
+        state = distributed.on_every_rank(lambda: load_checkpoint(path), f"reading {path}")
         config = TrainConfig.from_dict(state["config"])
         trainer = cls(train, config, val=val, device=device, verbose=verbose)
         trainer.load_state_dict(state)
@@ -476,7 +698,8 @@ class Trainer:
         """Write an inference checkpoint of the selected weights (:meth:`best_state`),
         with the network's and the training configuration, by
         :func:`s2l_core.checkpoint.write_model_checkpoint` (which says what ``extra`` may
-        hold and how ``precision`` stores the weights).
+        hold and how ``precision`` stores the weights). With several processes the main
+        process writes it and the others wait.
 
         Returns
         -------
@@ -484,12 +707,15 @@ class Trainer:
             ``path``.
         """
         weights, epoch, how = self.best_state()
-        return write_model_checkpoint(
-            path,
-            model_config=self.model.to_config(),
-            weights=weights,
-            config=self.config.to_dict(),
-            selected={"epoch": epoch, "how": how},
-            extra=extra,
-            precision=precision,
+        return distributed.on_main(
+            lambda: write_model_checkpoint(
+                path,
+                model_config=self.model.to_config(),
+                weights=weights,
+                config=self.config.to_dict(),
+                selected={"epoch": epoch, "how": how},
+                extra=extra,
+                precision=precision,
+            ),
+            f"writing the model {path}",
         )

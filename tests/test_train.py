@@ -652,3 +652,34 @@ def test_cpu_bf16_trains_in_bfloat16_only_where_the_cpu_has_it(
     fallback.model.register_forward_hook(lambda m, i, out: seen.append(out.dtype))
     fallback.fit(1, progress=False)
     assert seen and set(seen) == {torch.float32}
+
+
+def test_the_gpu_path_of_crops_trains_as_the_cpu_path(synthetic_samples, tmp_path):
+    """On a GPU the trainer makes each batch of crops in one batched resampling
+    (``crop_source``); forced onto the CPU here, it draws the same crops from the same
+    generator (to float rounding) and keeps the EMA maps it crops from current, also
+    after a resume."""
+    from s2l_core.augment import CropSource
+
+    def batched(trainer):
+        s = trainer.train_samples
+        trainer.crop_source = CropSource([x.image for x in s], [x.scribble for x in s], "cpu")
+        return trainer
+
+    train = synthetic_samples(3)
+    plain, fast = _trainer(train, epochs=2), batched(_trainer(train, epochs=2))
+    plain.fit(progress=False)
+    fast.fit(2, checkpoint=tmp_path / "state.pt", progress=False)
+    assert fast.history[-1]["pseudo_active"]  # the crops carried EMA maps
+    pd.testing.assert_frame_equal(_comparable(plain), _comparable(fast), atol=1e-3)
+    for image_id in plain.ema.ids:
+        assert np.allclose(plain.ema.get(image_id), fast.ema.get(image_id), atol=1e-2)
+    # A resumed trainer crops from the resumed EMA maps, not from blank ones.
+    resumed = batched(Trainer.resume(tmp_path / "state.pt", train, device="cpu", verbose=False))
+    resumed.fit(3, progress=False)
+    assert resumed.history[-1]["pseudo_active"]
+    for k, sample in enumerate(train):
+        copied = resumed.crop_source.emas[k]
+        assert copied is not None and torch.equal(
+            copied, torch.from_numpy(resumed.ema.get(sample.image_id, copy=True))
+        )

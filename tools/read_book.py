@@ -127,9 +127,9 @@ def _read_page(
     page.on("pageerror", lambda err: problems.append(f"{name}: JavaScript error: {err}"))
     page.on(
         "console",
-        lambda msg: problems.append(f"{name}: console error: {msg.text}")
-        if msg.type == "error"
-        else None,
+        lambda msg: (
+            problems.append(f"{name}: console error: {msg.text}") if msg.type == "error" else None
+        ),
     )
     try:
         page.goto(f"{base}/{page_path.relative_to(html).as_posix()}", wait_until="load")
