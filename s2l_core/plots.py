@@ -91,11 +91,16 @@ def _rgb(image: np.ndarray) -> np.ndarray:
     return image.copy()
 
 
-def show_image(ax, image: np.ndarray, title: str = "", labels: np.ndarray | None = None) -> None:
-    """Show an image (with optional nucleus outlines) on a matplotlib axis, no ticks."""
-    ax.imshow(outline(image, labels) if labels is not None else _rgb(image))
+def _show(ax, picture: np.ndarray, title: str) -> None:
+    """Show an RGB picture on an axis, with a title and no ticks."""
+    ax.imshow(picture)
     ax.set_title(title, fontsize=9)
     ax.set_axis_off()
+
+
+def show_image(ax, image: np.ndarray, title: str = "", labels: np.ndarray | None = None) -> None:
+    """Show an image (with optional nucleus outlines) on a matplotlib axis, no ticks."""
+    _show(ax, outline(image, labels) if labels is not None else _rgb(image), title)
 
 
 def show_scribbles(
@@ -124,9 +129,7 @@ def show_scribbles(
         if thicken:
             mask = ndi.binary_dilation(mask, iterations=thicken)
         rgb[mask] = np.array(to_rgb(colour)) * 255
-    ax.imshow(rgb)
-    ax.set_title(title, fontsize=9)
-    ax.set_axis_off()
+    _show(ax, rgb, title)
 
 
 def show_profile(ax, values: np.ndarray, masks: dict[str, np.ndarray], title: str = "") -> None:
@@ -275,9 +278,7 @@ def show_pieces(ax, image: np.ndarray, pieces: np.ndarray, title: str = "") -> N
     palette = np.array([to_rgb(c) for c in SERIES_COLOURS]) * 255
     drawn = thick > 0
     rgb[drawn] = palette[(thick[drawn] - 1) % len(palette)]
-    ax.imshow(rgb, interpolation="nearest")
-    ax.set_title(title, fontsize=9)
-    ax.set_axis_off()
+    _show(ax, rgb, title)
 
 
 def show_pseudo_labels(
@@ -304,9 +305,7 @@ def show_pseudo_labels(
         rgb[tint] = 0.6 * rgb[tint] + 0.4 * np.array(to_rgb(colour)) * 255
     for value, colour in ((BACKGROUND, BG_COLOUR), (FOREGROUND, FG_COLOUR)):
         rgb[np.asarray(scribble) == value] = np.array(to_rgb(colour)) * 255
-    ax.imshow(rgb.astype(np.uint8), interpolation="nearest")
-    ax.set_title(title, fontsize=9)
-    ax.set_axis_off()
+    _show(ax, rgb.astype(np.uint8), title)
 
 
 def error_image(image: np.ndarray, predicted: np.ndarray, truth: np.ndarray) -> np.ndarray:
@@ -357,11 +356,9 @@ def show_errors(
     """Show :func:`error_image` on an axis, with a legend of the error colours below it."""
     from matplotlib.patches import Patch
 
-    ax.imshow(error_image(image, predicted, truth), interpolation="nearest")
+    _show(ax, error_image(image, predicted, truth), title)
     handles = [Patch(facecolor=c, edgecolor="0.3", label=n) for n, c in ERROR_COLOURS.items()]
     ax.legend(
         handles=handles, loc="upper center", bbox_to_anchor=(0.5, 0.0), ncol=3, fontsize=7,
         frameon=False, handlelength=1.2, columnspacing=0.8,
     )  # fmt: skip
-    ax.set_title(title, fontsize=9)
-    ax.set_axis_off()

@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import random
 import signal
 import threading
 import time
-from collections.abc import Callable, Sequence
-from concurrent.futures import ProcessPoolExecutor
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import InvalidStateError, ProcessPoolExecutor
 from typing import TypeVar
 
 import numpy as np
@@ -208,12 +209,33 @@ def parallel_map(
         result = list(tqdm(mapped, total=len(items), desc=desc, disable=not progress))
     except BaseException:
         # An error or Ctrl-C: stop the workers now rather than after the queued items.
-        for process in list((getattr(pool, "_processes", None) or {}).values()):
-            process.terminate()
-        pool.shutdown(wait=True, cancel_futures=True)
+        with _quiet_broken_pool():
+            for process in list((getattr(pool, "_processes", None) or {}).values()):
+                process.terminate()
+            pool.shutdown(wait=True, cancel_futures=True)
         raise
     pool.shutdown()
     return result
+
+
+@contextlib.contextmanager
+def _quiet_broken_pool() -> Iterator[None]:
+    """Silence one known race of Python's process pool while it is torn down on purpose:
+    its management thread marks every pending future broken, and a future that was
+    cancelled meanwhile (by the caller, or by ``pool.map``'s iterator as it is closed)
+    makes it raise ``InvalidStateError``, printed as a traceback from a thread. The
+    run's own error or Ctrl-C is what the caller reports; other thread errors pass."""
+    previous = threading.excepthook
+
+    def hook(args: threading.ExceptHookArgs) -> None:
+        if not issubclass(args.exc_type, InvalidStateError):
+            previous(args)
+
+    threading.excepthook = hook
+    try:
+        yield
+    finally:
+        threading.excepthook = previous
 
 
 def _worker_start(parent: int) -> None:

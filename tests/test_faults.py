@@ -47,10 +47,19 @@ def _s2l(*args: str) -> list[str]:
     return [sys.executable, "-m", "s2l_core.cli", *args]
 
 
+def _interruptible() -> None:
+    """Ctrl-C as a terminal delivers it: a shell without job control starts background
+    jobs with SIGINT ignored, and that would be inherited by the processes under test
+    (a CI run started with ``&``)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _start(command: list[str], log: Path, **kwargs) -> subprocess.Popen:
-    """Start a process in its own session, stdout and stderr into ``log``."""
+    """Start a process in its own session, stdout and stderr into ``log``, with SIGINT
+    at its default disposition (:func:`_interruptible`)."""
     handle = open(log, "wb")  # the child holds it; closed when it ends
     kwargs.setdefault("env", _env())
+    kwargs.setdefault("preexec_fn", _interruptible)
     return subprocess.Popen(
         command, stdout=handle, stderr=subprocess.STDOUT, start_new_session=True, **kwargs
     )
