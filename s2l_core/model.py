@@ -338,7 +338,7 @@ class SMPUNet(_Rebuildable, nn.Module):
 
     Build it with :func:`build_smp_unet`. It exposes the same methods as :class:`UNet`
     (:meth:`encoder_parameters`, :meth:`decoder_parameters`, :meth:`head_parameters`,
-    :attr:`size_multiple`, :attr:`config`, :meth:`to_config`).
+    :attr:`size_multiple`, :attr:`in_channels`, :attr:`config`, :meth:`to_config`).
 
     Parameters
     ----------
@@ -365,6 +365,11 @@ class SMPUNet(_Rebuildable, nn.Module):
     def size_multiple(self) -> int:
         """Input height and width must be multiples of this."""
         return self._size_multiple
+
+    @property
+    def in_channels(self) -> int:
+        """Input channels, as :attr:`UNet.in_channels`."""
+        return int(self._config.get("in_channels", 3))
 
     def encoder_parameters(self) -> list[nn.Parameter]:
         """Parameters of the (ResNet) encoder."""

@@ -238,7 +238,7 @@ def test_smp_adapter_interface_with_a_stand_in(monkeypatch: pytest.MonkeyPatch) 
     monkeypatch.setitem(sys.modules, "segmentation_models_pytorch", fake)
     model = build_smp_unet(encoder_weights="imagenet", in_channels=1)
     assert isinstance(model, SMPUNet)
-    assert model.size_multiple == 32
+    assert model.size_multiple == 32 and model.in_channels == 1
     groups = [model.encoder_parameters(), model.decoder_parameters(), model.head_parameters()]
     ids = [id(p) for group in groups for p in group]
     assert sorted(ids) == sorted({id(p) for p in model.parameters()})
