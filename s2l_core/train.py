@@ -67,7 +67,7 @@ from s2l_core.checks import whole_number
 from s2l_core.config import TrainConfig
 from s2l_core.encoding import UNLABELLED
 from s2l_core.files import atomic_path, remove_stale
-from s2l_core.infer import autocast_context, predict_foreground
+from s2l_core.infer import autocast_context, predict_batch, predict_foreground
 from s2l_core.losses import affinity_loss, dice_loss, dice_targets, scribble2label_loss
 from s2l_core.metrics import foreground_iou, scribble_cross_entropy
 from s2l_core.pseudo import EMAStore, ema_due, pseudo_label_accuracy
@@ -258,6 +258,9 @@ class Trainer:
             else None
         )
         self._ema_version = 0  # changes with the EMA store, which the source copies
+        #: Images of one size that the EMA pass predicts in one batch: on a GPU several
+        #: (:func:`s2l_core.infer.predict_batch`), on the CPU one at a time (as fast).
+        self.ema_batch = 8 if self.device.type == "cuda" else 1
         self._source_ema_version = -1
 
     def _check_same_everywhere(self) -> None:
@@ -433,9 +436,12 @@ class Trainer:
         bar = tqdm(
             total=len(samples), desc="EMA", disable=not (progress and rank == 0), leave=False
         )
+        own_probs = self._predict_batched(range(rank, len(samples), n))
         for first in range(0, len(samples), n):
             own = first + rank
-            prob = self.predict(samples[own].image) if own < len(samples) else None
+            prob = own_probs.pop(own, None)
+            if prob is None and own < len(samples):
+                prob = self.predict(samples[own].image)
             round_ = [prob] if n == 1 else distributed.all_gather_object(prob, "the EMA pass")
             for k, p in enumerate(round_[: len(samples) - first]):
                 self.ema.update(samples[first + k].image_id, p)
@@ -459,6 +465,32 @@ class Trainer:
             row["pseudo_coverage"] = float(np.mean(coverages))
             row["pseudo_accuracy"] = float(np.mean(accuracies)) if accuracies else float("nan")
         return row
+
+    def _predict_batched(self, indices: Sequence[int]) -> dict[int, np.ndarray]:
+        """Probabilities of the training images ``indices`` that :attr:`ema_batch`
+        predicts in batches (equal shapes, no tiling); the others are left to
+        :meth:`predict`, one by one."""
+        if self.ema_batch <= 1:
+            return {}
+        by_shape: dict[tuple, list[int]] = {}
+        for i in indices:
+            image = self.train_samples[i].image
+            if max(image.shape[-2:]) <= 1024:  # predict_foreground's tile: no tiling
+                by_shape.setdefault(image.shape, []).append(i)
+        out = {}
+        for group in by_shape.values():
+            for b in range(0, len(group), self.ema_batch):
+                chunk = group[b : b + self.ema_batch]
+                probs = predict_batch(
+                    self.model,
+                    [self.train_samples[i].image for i in chunk],
+                    device=self.device,
+                    amp=self.config.amp,
+                    channels_last=self.config.channels_last,
+                    cpu_bf16=self.cpu_bf16,
+                )
+                out.update(zip(chunk, probs, strict=True))
+        return out
 
     def validate(self) -> dict:
         """Scribble loss (needs only scribbles) and, where full masks exist, IoU.

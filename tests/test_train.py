@@ -683,3 +683,24 @@ def test_the_gpu_path_of_crops_trains_as_the_cpu_path(synthetic_samples, tmp_pat
         assert copied is not None and torch.equal(
             copied, torch.from_numpy(resumed.ema.get(sample.image_id, copy=True))
         )
+
+
+def test_the_ema_pass_in_batches_equals_the_pass_one_by_one(synthetic_samples):
+    """On a GPU the EMA pass predicts equal-sized images a batch at a time
+    (``ema_batch``); here on the CPU, the maps equal those of the pass one by one."""
+    from s2l_core.infer import predict_batch, predict_foreground
+
+    train = synthetic_samples(3) + synthetic_samples(2, offset=10)
+    one, batched = _trainer(train, epochs=1), _trainer(train, epochs=1)
+    assert one.ema_batch == 1  # the CPU's default
+    batched.ema_batch = 2
+    for trainer in (one, batched):
+        trainer.fit(progress=False)
+    for image_id in one.ema.ids:
+        assert np.allclose(one.ema.get(image_id), batched.ema.get(image_id), atol=1e-5)
+    images = [s.image for s in train[:2]]
+    alone = [predict_foreground(one.model, i, amp=False) for i in images]
+    together = predict_batch(one.model, images, amp=False)
+    assert all(np.allclose(a, b, atol=1e-5) for a, b in zip(alone, together, strict=True))
+    with pytest.raises(ValueError, match="one shape"):
+        predict_batch(one.model, [images[0], images[0][:, :16]])
