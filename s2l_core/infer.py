@@ -19,8 +19,10 @@ import torch.nn.functional as F
 
 __all__ = [
     "DIHEDRAL",
+    "TILE",
     "autocast_context",
     "dihedral",
+    "predict_batch",
     "predict_dihedral",
     "predict_foreground",
     "predict_rescaled",
@@ -31,6 +33,11 @@ __all__ = [
 #: The eight symmetries of the square, as ``(quarter turns, mirrored)``: what
 #: ``predict_foreground(tta=True)`` averages over.
 DIHEDRAL: tuple[tuple[int, bool], ...] = tuple((r, m) for m in (False, True) for r in range(4))
+
+
+#: Side of the largest image a network sees whole (:func:`predict_tiled`): larger images
+#: are cut into tiles.
+TILE = 1024
 
 
 def dihedral(array: np.ndarray, turns: int, mirrored: bool) -> np.ndarray:
@@ -100,7 +107,7 @@ def predict_tiled(
     image: np.ndarray,
     *,
     device: torch.device | str = "cpu",
-    tile: int = 1024,
+    tile: int = TILE,
     overlap: int = 64,
     amp: bool = True,
     channels_last: bool = True,
@@ -315,7 +322,7 @@ def predict_foreground(
     image: np.ndarray,
     *,
     device: torch.device | str = "cpu",
-    tile: int = 1024,
+    tile: int = TILE,
     overlap: int = 64,
     amp: bool = True,
     channels_last: bool = True,

@@ -54,7 +54,7 @@ from s2l_core.files import (
     write_image,
     write_json,
 )
-from s2l_core.infer import predict_dihedral, predict_foreground, predict_tiled
+from s2l_core.infer import TILE, predict_dihedral, predict_foreground, predict_tiled
 from s2l_core.model import from_config
 from s2l_core.runtime import pick_device
 
@@ -469,7 +469,7 @@ def predict_probability(
     scale: float | str = 1.0,
     device: torch.device | str = "cpu",
     threshold: float = 0.5,
-    tile: int = 1024,
+    tile: int = TILE,
     diameter: float = AUTO_DIAMETER,
     tta: bool = False,
 ) -> tuple[np.ndarray, float]:
@@ -551,7 +551,7 @@ def predict_image(
     device: torch.device | str = "cpu",
     preset: Preset | None = None,
     instances: str | None = "preset",
-    tile: int = 1024,
+    tile: int = TILE,
     channel: int | None = None,
     **settings: Any,
 ) -> tuple[np.ndarray, np.ndarray]:

@@ -67,7 +67,7 @@ from s2l_core.checks import whole_number
 from s2l_core.config import TrainConfig
 from s2l_core.encoding import UNLABELLED
 from s2l_core.files import atomic_path, remove_stale
-from s2l_core.infer import autocast_context, predict_batch, predict_foreground
+from s2l_core.infer import TILE, autocast_context, predict_batch, predict_foreground
 from s2l_core.losses import affinity_loss, dice_loss, dice_targets, scribble2label_loss
 from s2l_core.metrics import foreground_iou, scribble_cross_entropy
 from s2l_core.pseudo import EMAStore, ema_due, pseudo_label_accuracy
@@ -475,7 +475,7 @@ class Trainer:
         by_shape: dict[tuple, list[int]] = {}
         for i in indices:
             image = self.train_samples[i].image
-            if max(image.shape[-2:]) <= 1024:  # predict_foreground's tile: no tiling
+            if max(image.shape[-2:]) <= TILE:  # seen whole by predict_foreground too
                 by_shape.setdefault(image.shape, []).append(i)
         out = {}
         for group in by_shape.values():
