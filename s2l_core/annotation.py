@@ -32,9 +32,7 @@ from s2l_core.files import read_image
 from s2l_core.predict import (
     Preset,
     claim_outputs,
-    labels_of,
     list_images,
-    predict_probability,
     record_outputs,
     save_labels,
     uncertainty,
@@ -211,12 +209,10 @@ class AnnotationLoop:
             folder / "model.pt", extra={"round": number, "preset": self.preset.to_dict()}
         )
         probabilities, scales = {}, {}
-        p = self.preset
         for k, v in self.normalized.items():
-            probabilities[k], scales[k] = predict_probability(
-                trainer.model, v, scale=p.scale, device=trainer.device, tta=p.tta,
-                threshold=p.threshold, diameter=p.diameter,
-            )  # fmt: skip
+            probabilities[k], scales[k] = self.preset.probability(
+                trainer.model, v, device=trainer.device
+            )
         result = Round(number, folder, checkpoint, probabilities, scales)
         self.rounds.append(result)
         return result
@@ -232,7 +228,8 @@ class AnnotationLoop:
         """Write instance label images of the last round (napari / Fiji open them).
 
         The foreground of each probability is split into nuclei
-        (:func:`s2l_core.predict.labels_of`, with the loop's preset).
+        (:func:`s2l_core.predict.labels_of`, with the loop's preset, its sizes in the
+        network's pixels at the scale each image was predicted at).
 
         Parameters
         ----------
@@ -261,11 +258,12 @@ class AnnotationLoop:
             raise RuntimeError("run a round before exporting labels")
         preset = self.preset.but(method=method, min_size=min_size)
         out_dir = Path(out_dir)
-        probabilities = self.rounds[-1].probabilities
-        names = [f"{name}{suffix}" for name in probabilities]
+        last = self.rounds[-1]
+        names = [f"{name}{suffix}" for name in last.probabilities]
         owned = claim_outputs(out_dir, names)
-        for name, prob in probabilities.items():
-            save_labels(out_dir / f"{name}{suffix}", labels_of(prob, preset))
+        for name, prob in last.probabilities.items():
+            labels = preset.labels(prob, last.scales.get(name, 1.0))
+            save_labels(out_dir / f"{name}{suffix}", labels)
         record = {"round": len(self.rounds), "preset": preset.to_dict(), "outputs": names}
         record_outputs(out_dir, dict(record, complete=True), owned)
         return [out_dir / name for name in names]

@@ -66,7 +66,10 @@ def score_images(
     predict : callable
         ``predict(image) -> prob``: a ``(3, H, W)`` ``float32`` normalised image to its
         ``(H, W)`` foreground probability (e.g. ``lambda x: predict_foreground(model, x)``,
-        or a random forest's ``predict_proba``).
+        or a random forest's ``predict_proba``); or ``-> (prob, scale)``, as
+        :meth:`s2l_core.predict.Preset.probability` returns, when the network saw the
+        image at another scale (the preset's sizes are then read in its pixels,
+        :func:`s2l_core.predict.labels_of`).
     images : iterable of (str, numpy.ndarray, numpy.ndarray)
         ``(image_id, image, truth)`` triples, e.g. from :func:`dataset_images` or made
         from :class:`s2l_core.samples.TrainSample` objects.
@@ -97,14 +100,17 @@ def score_images(
     rows = []
     for image_id, image, truth in tqdm(images, desc="scoring", disable=not progress):
         start = time.perf_counter()
-        prob = np.asarray(predict(image))
+        prob, scale = predict(image), 1.0
+        if isinstance(prob, tuple):
+            prob, scale = prob
+        prob = np.asarray(prob)
         seconds = time.perf_counter() - start
         if prob.shape != truth.shape:
             raise ValueError(
                 f"{image_id}: the prediction has shape {prob.shape} but the truth has {truth.shape}"
             )
         for method in instances:
-            labels = labels_of(prob, preset.but(method=method))
+            labels = labels_of(prob, preset.but(method=method), scale=scale)
             scores = evaluate_image(labels, truth)
             rows.append(
                 {

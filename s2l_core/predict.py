@@ -21,6 +21,7 @@ import contextlib
 import functools
 import json
 import os
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
@@ -60,13 +61,18 @@ from s2l_core.runtime import pick_device
 
 __all__ = [
     "AUTO_DIAMETER",
+    "LOOKS",
+    "LOOK_FACTOR",
+    "LOOK_VIEW",
     "MAGNIFY_BELOW",
     "MANIFEST",
+    "MAX_AUTO_PIXELS",
     "MAX_AUTO_SCALE",
     "MIN_AUTO_SCALE",
     "MIN_PEAK",
     "SCALE_RANGE",
     "SMOOTH",
+    "SPLIT_DEPTH",
     "FolderOutput",
     "Preset",
     "auto_scale",
@@ -130,6 +136,11 @@ def load_model(
     return model, state
 
 
+#: Depth, in pixels of distance to the background, of the valley between two touching
+#: nuclei that the watershed of :func:`foreground_to_instances` splits them at.
+SPLIT_DEPTH: float = 2.0
+
+
 def _drop_small(labels: np.ndarray, min_size: int) -> np.ndarray:
     """Set labels with fewer than ``min_size`` pixels to 0."""
     sizes = np.bincount(labels.ravel())
@@ -151,7 +162,7 @@ def foreground_to_instances(
     threshold: float = 0.5,
     method: str = "watershed",
     min_size: int = 16,
-    split_depth: float = 2.0,
+    split_depth: float = SPLIT_DEPTH,
     min_peak: float | None = None,
     smooth: float = 0.0,
 ) -> np.ndarray:
@@ -245,8 +256,8 @@ MIN_PEAK: float = 0.99
 SMOOTH: float = 0.75
 
 #: Nucleus diameter (pixels) that ``scale="auto"`` brings nuclei to, magnifying small
-#: ones and shrinking large ones; chosen on held-out acquisition groups and magnified
-#: test images (``benchmarks/results/generalization/autoscale_s2l_s0.md``).
+#: ones and shrinking large ones; chosen on held-out acquisition groups, their images
+#: shrunk, and magnified test images (``benchmarks/results/generalization/autoscale_s2l_s0.md``).
 AUTO_DIAMETER: float = 30.0
 
 #: ``scale="auto"`` magnifies only nuclei smaller than this (pixels across): nuclei
@@ -255,12 +266,34 @@ AUTO_DIAMETER: float = 30.0
 #: (``benchmarks/results/generalization/generalization.md``, group 520x696).
 MAGNIFY_BELOW: float = 20.0
 
-#: Largest magnification that ``scale="auto"`` uses (the cost grows with its square).
-MAX_AUTO_SCALE: float = 2.0
+#: Largest magnification that ``scale="auto"`` uses: nuclei of 7.5 pixels are brought
+#: to 30.
+MAX_AUTO_SCALE: float = 4.0
+
+#: ``scale="auto"`` never magnifies an image beyond this many pixels (16.8 million, 4096
+#: a side), which bounds its time and memory: a 2048 x 2048 image is magnified at most
+#: twice.
+MAX_AUTO_PIXELS: int = 4096 * 4096
 
 #: Smallest scale that ``scale="auto"`` uses: nuclei up to four times ``diameter``
 #: across are brought to ``diameter``.
 MIN_AUTO_SCALE: float = 0.25
+
+#: Smaller scales at which ``scale="auto"`` looks at every image again before it picks a
+#: scale. A network sees only parts of nuclei far larger than those it was trained on,
+#: which look like small nuclei (and would be magnified further); shrunk, it finds them
+#: whole. A look counts where its nuclei, as the network saw them (diameter times
+#: scale), are of a size it was trained on (:data:`LOOK_VIEW`) and measure at least
+#: :data:`LOOK_FACTOR` times the diameter found so far, in the image's pixels.
+LOOKS: tuple[float, ...] = (0.5, 0.25)
+
+#: Smallest and largest diameter (pixels, as the network saw them) of the nuclei of a
+#: look that counts (:data:`LOOKS`): a larger "nucleus" is a clump of small nuclei that
+#: the shrinking merged.
+LOOK_VIEW: tuple[float, float] = (15.0, 60.0)
+
+#: See :data:`LOOKS`.
+LOOK_FACTOR: float = 2.0
 
 #: ``scale="auto"`` leaves an image as it is when it would resample it by less than this
 #: fraction.
@@ -300,17 +333,17 @@ def auto_scale(
     diameter: float = AUTO_DIAMETER,
     max_scale: float = MAX_AUTO_SCALE,
     min_scale: float = MIN_AUTO_SCALE,
-    second: np.ndarray | None = None,
+    looks: Mapping[float, np.ndarray] | None = None,
     magnify_below: float = MAGNIFY_BELOW,
 ) -> float:
     """The scale that brings the nuclei of a prediction to ``diameter`` pixels.
 
     The nuclei of ``prob`` are split by a distance watershed and measured
-    (:func:`object_diameter`). Nuclei under ``magnify_below`` pixels across are
-    magnified and nuclei over ``diameter`` shrunk, to ``diameter`` (held between
-    ``min_scale`` and ``max_scale``); nuclei between the two are left as they are, and so
-    is a scale within a tenth of 1 (resampling would only blur) and an image without a
-    nucleus.
+    (:func:`object_diameter`), and so are those of each prediction in ``looks`` (see
+    :data:`LOOKS`). Nuclei under ``magnify_below`` pixels across are magnified and
+    nuclei over ``diameter`` shrunk, to ``diameter`` (held between ``min_scale`` and
+    ``max_scale``); nuclei between the two are left as they are, and so is a scale
+    within a tenth of 1 (resampling would only blur) and an image without a nucleus.
 
     Parameters
     ----------
@@ -322,13 +355,15 @@ def auto_scale(
         Nucleus diameter, in pixels, to bring the nuclei to.
     max_scale, min_scale : float, optional
         Bounds of the scale returned (``min_scale <= 1 <= max_scale``).
+    looks : mapping of float to numpy.ndarray, optional
+        Predictions of the same image made at smaller scales (the keys, in (0, 1)),
+        resampled back to ``(H, W)``, looked at from the largest scale down. One whose
+        nuclei, as the network saw them (their diameter times the scale), are of a size
+        it was trained on (within :data:`LOOK_VIEW`) and measure at least
+        :data:`LOOK_FACTOR` times the diameter found so far shows large nuclei that
+        ``prob`` only saw in parts: its diameter counts.
     magnify_below : float, optional
         Nuclei measured smaller than this are magnified (at most to ``diameter``).
-    second : numpy.ndarray, optional
-        Another prediction of the same image (made at another scale, resampled back to
-        ``(H, W)``); its nuclei are measured too and the larger diameter counts. A network
-        sees only parts of nuclei far larger than those it was trained on, which look
-        like small nuclei; on the image shrunk it finds them whole.
 
     Returns
     -------
@@ -341,14 +376,24 @@ def auto_scale(
         raise ValueError(f"max_scale must be at least 1, got {max_scale}")
     if not (np.isfinite(min_scale) and 0 < min_scale <= 1):
         raise ValueError(f"min_scale must be in (0, 1], got {min_scale}")
-    views = [prob] if second is None else [prob, second]
-    if second is not None and second.shape != prob.shape:
-        raise ValueError(f"second has shape {second.shape}, prob {prob.shape}")
-    sizes = [object_diameter(foreground_to_instances(p, threshold=threshold)) for p in views]
-    sizes = [d for d in sizes if np.isfinite(d)]
-    if not sizes:
+    looks = dict(looks or {})
+    for s, view in looks.items():
+        if not 0 < s < 1:
+            raise ValueError(f"looks must be made at scales in (0, 1), got {s}")
+        if np.shape(view) != prob.shape:
+            raise ValueError(f"the look at scale {s} has shape {np.shape(view)}, prob {prob.shape}")
+
+    def measure(p: np.ndarray) -> float:
+        return object_diameter(foreground_to_instances(p, threshold=threshold))
+
+    measured = measure(prob)
+    if not np.isfinite(measured):
         return 1.0
-    measured = max(sizes)
+    for s in sorted(looks, reverse=True):
+        d = measure(looks[s])
+        seen = LOOK_VIEW[0] <= d * s <= LOOK_VIEW[1]  # False for NaN
+        if seen and d >= LOOK_FACTOR * measured:
+            measured = d
     if min(magnify_below, diameter) <= measured <= diameter:
         return 1.0
     scale = float(np.clip(diameter / measured, min_scale, max_scale))
@@ -454,12 +499,27 @@ class Preset:
         """A copy with the settings that are not ``None`` replaced."""
         return replace(self, **{k: v for k, v in settings.items() if v is not None})
 
+    def probability(
+        self,
+        model: torch.nn.Module,
+        image: np.ndarray,
+        *,
+        device: torch.device | str = "cpu",
+        tile: int = TILE,
+    ) -> tuple[np.ndarray, float]:
+        """Foreground probability of a normalised ``(3, H, W)`` image at this preset's
+        scale, diameter and TTA, and the scale used (:func:`predict_probability`)."""
+        return predict_probability(
+            model, image, scale=self.scale, device=device, threshold=self.threshold,
+            tile=tile, diameter=self.diameter, tta=self.tta,
+        )  # fmt: skip
 
-#: ``scale="auto"`` looks at an image a second time at half its size when its nuclei
-#: measure larger than the target diameter: a network sees only parts of nuclei far
-#: larger than those it was trained on, so the measurement at scale 1 falls short of
-#: them, while at half the size it finds them whole.
-_SECOND_LOOK = 0.5
+    def labels(
+        self, prob: np.ndarray, scale: float = 1.0, instances: str | None = "preset"
+    ) -> np.ndarray:
+        """Labels of a probability that the network made at ``scale``
+        (:func:`labels_of`)."""
+        return labels_of(prob, self, instances, scale=scale)
 
 
 def predict_probability(
@@ -484,14 +544,14 @@ def predict_probability(
     scale : float or "auto", optional
         Magnification at which the network sees the image
         (:func:`s2l_core.infer.predict_foreground`). ``"auto"`` predicts at scale 1 and
-        measures the nuclei (:func:`auto_scale`); where they measure larger than
-        ``diameter`` it measures them again on a prediction at half the size and keeps
-        the larger diameter (parts of very large nuclei look like small nuclei at
-        scale 1). Images of nuclei under :data:`MAGNIFY_BELOW` or over ``diameter``
-        pixels are then predicted at ``diameter`` over the diameter measured, between
-        :data:`MIN_AUTO_SCALE` (or 16 pixels a side) and :data:`MAX_AUTO_SCALE`: small
+        at the smaller scales of :data:`LOOKS` (where the image keeps 16 pixels a side)
+        and measures the nuclei (:func:`auto_scale`: parts of very large nuclei look
+        like small nuclei at scale 1, and whole at a smaller scale). Images of nuclei
+        under :data:`MAGNIFY_BELOW` or over ``diameter`` pixels are then predicted at
+        ``diameter`` over the diameter measured, between :data:`MIN_AUTO_SCALE` (or 16
+        pixels a side) and :data:`MAX_AUTO_SCALE` (or :data:`MAX_AUTO_PIXELS`): small
         nuclei are magnified, large ones shrunk, and the network sees whole nuclei in
-        every tile.
+        every tile. The looks cost a third of a pass more than the prediction.
     device : torch.device or str, optional
         The model's device.
     threshold : float, optional
@@ -527,15 +587,19 @@ def predict_probability(
         prob = predict_foreground(model, image, scale=scale, tta=tta, **options)
         return prob, float(scale)
     plain = predict_foreground(model, image, **options)
-    # Never shrink an image below 16 pixels a side.
-    low = min(1.0, max(MIN_AUTO_SCALE, 16 / max(1, min(image.shape[-2:]))))
-    measure = dict(threshold=threshold, diameter=diameter, min_scale=low)
-    chosen = auto_scale(plain, **measure)
-    if chosen < 1.0 and min(image.shape[-2:]) * _SECOND_LOOK >= 16:
-        half = predict_foreground(model, image, scale=_SECOND_LOOK, **options)
-        # As auto_scale(plain, second=half), without measuring ``plain`` again: the
-        # larger diameter of the two is the smaller of their scales.
-        chosen = min(chosen, auto_scale(half, **measure))
+    height, width = image.shape[-2:]
+    # Never shrink an image below 16 pixels a side, nor magnify it past MAX_AUTO_PIXELS.
+    low = min(1.0, max(MIN_AUTO_SCALE, 16 / max(1, min(height, width))))
+    high = float(np.clip(np.sqrt(MAX_AUTO_PIXELS / (height * width)), 1.0, MAX_AUTO_SCALE))
+    looks = {
+        s: predict_foreground(model, image, scale=s, **options)
+        for s in LOOKS
+        if min(height, width) * s >= 16
+    }
+    chosen = auto_scale(
+        plain, threshold=threshold, diameter=diameter, min_scale=low, max_scale=high,
+        looks=looks,
+    )  # fmt: skip
     if chosen != 1.0:
         return predict_foreground(model, image, scale=chosen, tta=tta, **options), chosen
     if tta:  # the plain pass is the first of the eight views
@@ -593,14 +657,13 @@ def predict_image(
     if instances == "preset":
         instances = preset.method
     image = select_channel(image, channel)
-    prob, _ = predict_probability(
-        model, normalize_image(image), scale=preset.scale, device=device,
-        threshold=preset.threshold, tile=tile, tta=preset.tta, diameter=preset.diameter,
-    )  # fmt: skip
-    return prob, labels_of(prob, preset, instances)
+    prob, used = preset.probability(model, normalize_image(image), device=device, tile=tile)
+    return prob, preset.labels(prob, used, instances)
 
 
-def labels_of(prob: np.ndarray, preset: Preset, instances: str | None = "preset") -> np.ndarray:
+def labels_of(
+    prob: np.ndarray, preset: Preset, instances: str | None = "preset", *, scale: float = 1.0
+) -> np.ndarray:
     """Labels of a foreground probability under a preset.
 
     Parameters
@@ -611,27 +674,38 @@ def labels_of(prob: np.ndarray, preset: Preset, instances: str | None = "preset"
         Threshold, method, ``min_size``, ``min_peak`` and smoothing.
     instances : {"preset", "watershed", "components", None}, optional
         The preset's method, another, or ``None`` for the semantic mask (0/1, ``uint8``).
+    scale : float, optional
+        The magnification at which the network saw the image (as
+        :func:`predict_probability` returns it). The preset's sizes are in the network's
+        pixels: ``min_size`` is divided by its square, ``smooth`` and the watershed's
+        split depth by it, so that an image magnified to find its small nuclei keeps
+        them.
 
     Returns
     -------
     numpy.ndarray
         ``(H, W)`` instance labels (:func:`foreground_to_instances`) or the mask.
     """
+    scale = check_scale(scale)
+    if scale == "auto":
+        raise ValueError("labels_of needs the scale used, a number, not 'auto'")
     if instances == "preset":
         instances = preset.method
     min_peak = preset.min_peak or None
+    smooth = preset.smooth / scale
     if instances is None:
-        mask = _above(prob, preset.threshold, preset.smooth)
+        mask = _above(prob, preset.threshold, smooth)
         if min_peak is not None:  # the regions kept, holes left as they are
             kept = foreground_to_instances(
                 prob, threshold=preset.threshold, method="components", min_size=1,
-                min_peak=min_peak, smooth=preset.smooth,
+                min_peak=min_peak, smooth=smooth,
             )  # fmt: skip
             mask &= kept > 0
         return mask.astype(np.uint8)
     return foreground_to_instances(
-        prob, threshold=preset.threshold, method=instances, min_size=preset.min_size,
-        min_peak=min_peak, smooth=preset.smooth,
+        prob, threshold=preset.threshold, method=instances,
+        min_size=round(preset.min_size / scale**2), split_depth=SPLIT_DEPTH / scale,
+        min_peak=min_peak, smooth=smooth,
     )  # fmt: skip
 
 

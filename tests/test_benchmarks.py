@@ -261,8 +261,26 @@ def test_leave_one_group_out_folds_never_train_on_the_group_they_score():
     rows.append({"image_id": "h", "modality": "histopathology", "height": 256, "width": 320,
                  "split": "train"})  # fmt: skip
 
+    # i7 (test split) has two bright nuclei and a mask for neither: scored nowhere.
+    rows.append({"image_id": "i7", "modality": "fluorescence", "height": 256, "width": 256,
+                 "split": "test"})  # fmt: skip
+
     class Manifest:
         manifest = pd.DataFrame(rows)
+        root = "manifest-of-the-folds-test"
+
+        @staticmethod
+        def image(image_id):
+            image = np.zeros((16, 16, 3), np.uint8)
+            image[2:6, 2:6] = image[9:14, 9:14] = 200
+            return image
+
+        @staticmethod
+        def labels(image_id):
+            labels = np.zeros((16, 16), np.uint16)
+            if image_id != "i7":
+                labels[2:6, 2:6], labels[9:14, 9:14] = 1, 2
+            return labels
 
     folds = generalization.folds(Manifest, "fluorescence")
     assert set(folds) == {"in-distribution", "256x256", "360x360", "other"}
@@ -272,7 +290,21 @@ def test_leave_one_group_out_folds_never_train_on_the_group_they_score():
     assert folds["other"] == (["i0", "i2"], ["i3"], ["i4", "i5", "i6"])
     for train, val, scored in folds.values():
         assert not set(scored) & (set(train) | set(val))
+    assert generalization.unscored(Manifest, "fluorescence") == {"i7"}
     assert list(generalization.folds(Manifest, "histopathology")) == ["in-distribution"]
+
+
+def test_label_coverage_is_the_labelled_share_of_the_bright_pixels():
+    image = np.zeros((20, 20), np.uint8)
+    image[2:6, 2:6] = image[10:18, 10:18] = 180  # 16 and 64 bright pixels
+    labels = np.zeros((20, 20), np.uint16)
+    labels[2:6, 2:6] = 1
+    assert generalization.label_coverage(image, labels) == pytest.approx(16 / 80)
+    labels[10:18, 10:18] = 2
+    assert generalization.label_coverage(image, labels) == 1.0
+    rgb = np.repeat(image[..., None], 4, axis=-1)  # RGBA reads as its grey
+    assert generalization.label_coverage(rgb, np.zeros_like(labels)) == 0.0
+    assert generalization.label_coverage(np.full((8, 8), 9, np.uint8), labels[:8, :8]) == 1.0
 
 
 def test_shifts_change_image_and_labels_as_named():

@@ -60,6 +60,9 @@ def test_min_size_drops_small_predicted_objects():
     dropped = score_images(lambda x: prob, image, preset=PLAIN.but(min_size=10))
     assert kept["iou"].item() == pytest.approx(200 / 209)
     assert dropped["iou"].item() == pytest.approx(1.0)
+    # Made at scale 3, the speck was 81 pixels to the network: min_size 10 keeps it.
+    seen_larger = score_images(lambda x: (prob, 3.0), image, preset=PLAIN.but(min_size=10))
+    assert seen_larger["iou"].item() == pytest.approx(200 / 209)
 
 
 def test_errors_name_the_problem():

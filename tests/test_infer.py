@@ -10,6 +10,7 @@ import torch
 from conftest import BrightNet
 from torch import nn
 
+import s2l_core.predict as predict_module
 from s2l_core.infer import (
     DIHEDRAL,
     autocast_context,
@@ -114,9 +115,9 @@ def test_object_diameter_by_hand():
 
 @pytest.mark.parametrize(
     ("radius", "expected"),
-    # small (held at 2x), small (to 30), middle (left as it is: 20 to 30 pixels), large
+    # tiny (held at 4x), small (to 30), middle (left as it is: 20 to 30 pixels), large
     # (shrunk), very large (held at 1/4), none
-    [(5.0, 2.0), (8.0, 30 / 16), (12.5, 1.0), (30.0, 30 / 60), (70.0, 0.25), (0.0, 1.0)],
+    [(3.0, 4.0), (5.0, 3.0), (12.5, 1.0), (30.0, 30 / 60), (70.0, 0.25), (0.0, 1.0)],
 )
 def test_auto_scale_brings_nuclei_to_the_diameter_both_ways(radius, expected):
     prob = _disc(radius, (160, 160))
@@ -136,37 +137,59 @@ def test_auto_scale_settings_and_errors():
     large = _disc(20.0)  # 40 pixels across
     assert auto_scale(large) == pytest.approx(0.75, rel=0.05)
     assert auto_scale(large, min_scale=1.0) == 1.0
-    # A second look that finds the nucleus larger (whole) decides; a smaller one does not.
-    assert auto_scale(prob, second=large) == pytest.approx(0.75, rel=0.05)
-    assert auto_scale(large, second=prob) == pytest.approx(0.75, rel=0.05)
-    assert auto_scale(np.zeros_like(prob), second=large) == pytest.approx(0.75, rel=0.05)
+    # A look at a smaller scale that finds the nuclei at least twice as large, and at
+    # least 15 pixels as the network saw them there, decides; others do not.
+    assert auto_scale(prob, looks={0.5: large}) == pytest.approx(0.75, rel=0.05)  # 20 px
+    assert auto_scale(prob, looks={0.25: large}) == pytest.approx(3.0, rel=0.05)  # 10 px
+    assert auto_scale(large, looks={0.5: prob}) == pytest.approx(0.75, rel=0.05)
+    assert auto_scale(_disc(8.0), looks={0.5: _disc(10.0)}) == pytest.approx(30 / 16, rel=0.05)
+    huge = _disc(38.0, (100, 100))  # 76 px: found at a quarter (19 px), not at a half
+    looks = {0.5: _disc(12.0, (100, 100)), 0.25: huge}
+    assert auto_scale(_disc(5.0, (100, 100)), looks=looks) == pytest.approx(30 / 76, rel=0.05)
+    assert auto_scale(np.zeros_like(prob), looks={0.5: large}) == 1.0  # nothing at scale 1
+    # Nuclei of 10 pixels (measured at scale 1) and a look that finds objects of 100
+    # pixels at a quarter (25 to the network: nuclei it knows) or of 280 at a half (140
+    # to the network: a clump of small nuclei merged, which does not count).
+    ten = _disc(5.0, (300, 300))
+    assert auto_scale(ten, looks={0.25: _disc(50.0, (300, 300))}) == pytest.approx(0.3, rel=0.05)
+    assert auto_scale(ten, looks={0.5: _disc(140.0, (300, 300))}) == pytest.approx(3.0, rel=0.05)
     for kwargs in (
         {"diameter": 0.0}, {"diameter": float("nan")}, {"max_scale": 0.5}, {"min_scale": 0.0},
-        {"min_scale": 1.5}, {"second": np.zeros((3, 3))},
+        {"min_scale": 1.5}, {"looks": {0.5: np.zeros((3, 3))}}, {"looks": {1.5: prob}},
     ):  # fmt: skip
-        with pytest.raises(ValueError, match=r"diameter|max_scale|min_scale|second"):
+        with pytest.raises(ValueError, match=r"diameter|max_scale|min_scale|look"):
             auto_scale(prob, **kwargs)
 
 
-def test_predict_probability_auto_looks_again_at_half_size_before_shrinking():
-    small = np.repeat(_disc(5.0, (64, 64))[None], 3, axis=0)
+def test_predict_probability_auto_looks_at_smaller_scales_then_predicts_at_its_choice(
+    monkeypatch,
+):
+    small = np.repeat(_disc(5.0, (64, 64))[None], 3, axis=0)  # 10 pixels: magnified to 30
     model = BrightNet()
     prob, used = predict_probability(model, small, scale="auto")
-    assert used == 2.0 and prob.shape == (64, 64)
-    assert model.seen == [(64, 64), (128, 128)]
+    assert used == pytest.approx(3.0, rel=0.05) and prob.shape == (64, 64)
+    # plain, the looks at a half and a quarter, final (64 * 2.95 = 189, padded to 192)
+    assert model.seen == [(64, 64), (32, 32), (16, 16), (192, 192)]
     np.testing.assert_array_equal(prob > 0.5, small[0] > 0.5)
     middle = np.repeat(_disc(14.0, (64, 64))[None], 3, axis=0)  # 28 pixels: near enough
     model = BrightNet()
     prob, used = predict_probability(model, middle, scale="auto")
-    assert used == 1.0 and model.seen == [(64, 64)]
+    assert used == 1.0 and model.seen == [(64, 64), (32, 32), (16, 16)]
     large = np.repeat(_disc(25.0, (64, 64))[None], 3, axis=0)  # 50 pixels: shrunk to 30
     model = BrightNet()
     prob, used = predict_probability(model, large, scale="auto")
     assert used == pytest.approx(0.6, rel=0.05) and prob.shape == (64, 64)
-    # plain, half, final: 64 * 0.6 = 38 pixels, padded to the network's multiple of 4
-    assert model.seen == [(64, 64), (32, 32), (40, 40)]
+    # plain, half, quarter, final: 64 * 0.6 = 38 pixels, padded to the network's 4
+    assert model.seen == [(64, 64), (32, 32), (16, 16), (40, 40)]
     mask, truth = prob > 0.5, large[0] > 0.5  # resampled twice: the border may move a pixel
     assert (mask & truth).sum() / (mask | truth).sum() > 0.97
+    # No look that would leave under 16 pixels a side: a 40-pixel image is looked at half.
+    model = BrightNet()
+    predict_probability(model, large[:, 12:52, 12:52], scale="auto")
+    assert model.seen[:2] == [(40, 40), (20, 20)] and (12, 12) not in model.seen
+    # Magnified at most to MAX_AUTO_PIXELS: 96 x 96 allows 1.5 times a 64 x 64 image.
+    monkeypatch.setattr(predict_module, "MAX_AUTO_PIXELS", 96 * 96)
+    assert predict_probability(BrightNet(), small, scale="auto")[1] == pytest.approx(1.5)
     assert predict_probability(BrightNet(), large, scale=1.5)[1] == 1.5
     with pytest.raises(ValueError, match="'auto'"):
         predict_probability(BrightNet(), large, scale="big")
@@ -321,12 +344,13 @@ def test_tta_with_scale_and_auto():
     small = np.repeat(_disc(5.0, (64, 64))[None], 3, axis=0)
     model = BrightNet()
     prob, used = predict_probability(model, small, scale="auto", tta=True)
-    assert used == 2.0 and model.seen == [(64, 64)] + [(128, 128)] * 8  # measured once, plain
+    looks = [(64, 64), (32, 32), (16, 16)]  # measured once, plainly
+    assert used == pytest.approx(3.0, rel=0.05) and model.seen == looks + [(192, 192)] * 8
     np.testing.assert_array_equal(prob > 0.5, small[0] > 0.5)
     middle = np.repeat(_disc(14.0, (64, 64))[None], 3, axis=0)
     model = BrightNet()
     prob, used = predict_probability(model, middle, scale="auto", tta=True)
-    assert used == 1.0 and model.seen == [(64, 64)] * 8  # the measuring pass is a view
+    assert used == 1.0 and model.seen == looks + [(64, 64)] * 7  # the plain pass is a view
     np.testing.assert_array_equal(prob, predict_foreground(BrightNet(), middle, tta=True))
 
 

@@ -20,6 +20,7 @@ from s2l_core.predict import (
     check_smooth,
     check_threshold,
     foreground_to_instances,
+    labels_of,
     load_model,
     predict_folder,
 )
@@ -323,6 +324,29 @@ def test_small_objects_are_removed():
         assert set(np.unique(labels)) == set(range(objects + 1))  # numbered 1..n
     with pytest.raises(ValueError, match="method must be"):
         foreground_to_instances(prob, method="magic")
+
+
+def test_labels_of_reads_the_presets_sizes_in_the_networks_pixels():
+    """Nuclei of 12 pixels, found on an image magnified twice: the network saw them as 48
+    pixels, over min_size 24, so they stay; at scale 1 they go. Shrunk to half, the
+    network saw 100-pixel regions as 25: those stay, and regions of 80 (20 to it) go."""
+    prob = np.zeros((40, 40), np.float32)
+    prob[2:5, 2:6] = prob[20:23, 30:34] = 1.0  # 12 px each
+    preset = Preset(min_peak=0.0, smooth=0.0, tta=False)
+    assert labels_of(prob, preset).max() == 0
+    assert labels_of(prob, preset, scale=2.0).max() == 2
+    assert labels_of(prob, preset, "components", scale=2.0).max() == 2
+    assert labels_of(prob, preset, None, scale=2.0).sum() == 24  # the mask keeps all anyway
+    big = np.zeros((40, 40), np.float32)
+    big[2:12, 2:12] = 1.0  # 100 px
+    big[20:28, 20:30] = 1.0  # 80 px
+    kept = labels_of(big, preset, scale=0.5)
+    assert kept.max() == 1 and (kept > 0).sum() == 100
+    assert labels_of(big, preset).max() == 2
+    with pytest.raises(ValueError, match="not 'auto'"):
+        labels_of(prob, preset, scale="auto")
+    with pytest.raises(ValueError, match="scale"):
+        labels_of(prob, preset, scale=0.0)
 
 
 @pytest.mark.parametrize("method", ["components", "watershed"])

@@ -29,6 +29,8 @@ from pathlib import Path
 import pandas as pd
 import torch
 
+import s2l_core.infer
+import s2l_core.predict
 from s2l_core import data, scribbles
 from s2l_core.checkpoint import load_checkpoint
 from s2l_core.config import TrainConfig
@@ -148,6 +150,8 @@ def main() -> None:
     cache = ROOT / "runs" / "reference" / name
     cache.mkdir(parents=True, exist_ok=True)
     digest = hashlib.sha256(json.dumps(preset.to_dict(), sort_keys=True).encode())
+    for module in (s2l_core.predict, s2l_core.infer):  # how the preset is carried out
+        digest.update(Path(module.__file__).read_bytes())
     for key, value in sorted(model.state_dict().items()):
         digest.update(key.encode() + value.detach().cpu().numpy().tobytes())
     digest = digest.hexdigest()
