@@ -703,8 +703,9 @@ def labels_of(
             mask &= kept > 0
         return mask.astype(np.uint8)
     return foreground_to_instances(
-        prob, threshold=preset.threshold, method=instances,
-        min_size=round(preset.min_size / scale**2), split_depth=SPLIT_DEPTH / scale,
+        prob, threshold=preset.threshold, method=instances, split_depth=SPLIT_DEPTH / scale,
+        # 0 and 1 keep every object at any scale
+        min_size=preset.min_size if preset.min_size <= 1 else round(preset.min_size / scale**2),
         min_peak=min_peak, smooth=smooth,
     )  # fmt: skip
 

@@ -343,6 +343,9 @@ def test_labels_of_reads_the_presets_sizes_in_the_networks_pixels():
     kept = labels_of(big, preset, scale=0.5)
     assert kept.max() == 1 and (kept > 0).sum() == 100
     assert labels_of(big, preset).max() == 2
+    speck = big.copy()
+    speck[35, 35] = 1.0  # one pixel: kept by min_size 1 at any scale
+    assert labels_of(speck, preset.but(min_size=1), "components", scale=0.5).max() == 3
     with pytest.raises(ValueError, match="not 'auto'"):
         labels_of(prob, preset, scale="auto")
     with pytest.raises(ValueError, match="scale"):
