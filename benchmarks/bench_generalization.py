@@ -591,9 +591,9 @@ def report(args) -> None:
     if len(dropped):
         ids = ", ".join(f"`{i[:10]}…`" for i in sorted(set(dropped["image_id"])))
         markdown += (
-            f"\nNot scored: {ids}, whose masks cover under {MIN_LABEL_COVERAGE:.0%} of its "
-            "bright pixels (above Otsu's threshold): one mask among about a hundred "
-            "visible nuclei. Jobs scored before this rule scored it: IoU "
+            f"\nNot scored: {ids}: masks that cover under {MIN_LABEL_COVERAGE:.0%} of the "
+            "image's bright pixels (above Otsu's threshold) miss most of its nuclei. "
+            "Jobs scored before this rule scored it: IoU "
             + ", ".join(
                 f"{v} {p} {i:.3f}"
                 for (v, p), i in dropped.groupby(["variant", "preset"])["iou"].mean().items()
