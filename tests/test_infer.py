@@ -137,8 +137,8 @@ def test_auto_scale_settings_and_errors():
     large = _disc(20.0)  # 40 pixels across
     assert auto_scale(large) == pytest.approx(0.75, rel=0.05)
     assert auto_scale(large, min_scale=1.0) == 1.0
-    # A look at a smaller scale that finds the nuclei at least twice as large, and at
-    # least 15 pixels as the network saw them there, decides; others do not.
+    # A look at a smaller scale that finds the nuclei at least twice as large, and 15 to
+    # 60 pixels across as the network saw them there, decides; others do not.
     assert auto_scale(prob, looks={0.5: large}) == pytest.approx(0.75, rel=0.05)  # 20 px
     assert auto_scale(prob, looks={0.25: large}) == pytest.approx(3.0, rel=0.05)  # 10 px
     assert auto_scale(large, looks={0.5: prob}) == pytest.approx(0.75, rel=0.05)
