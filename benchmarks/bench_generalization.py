@@ -173,8 +173,46 @@ def folds(dataset, modality: str) -> dict[str, tuple[list[str], list[str], list[
     return out
 
 
+def _resampling(n_in: int, n_out: int) -> np.ndarray:
+    """``(n_out, n_in)`` weights of bilinear resampling along one axis, pixel centres
+    aligned (``align_corners=False``), the kernel widened to the output's pixel when
+    shrinking (antialiased), as the images are resampled."""
+    factor = n_out / n_in
+    support = max(1.0, 1.0 / factor)  # the triangle's half-width, in input pixels
+    centres = (np.arange(n_out) + 0.5) / factor - 0.5
+    weights = np.clip(1.0 - np.abs(np.arange(n_in)[None] - centres[:, None]) / support, 0, None)
+    return weights / weights.sum(axis=1, keepdims=True)
+
+
+def resize_labels(labels: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Resample a label image as its image is resampled: every output pixel takes the
+    label (0 included) that covers most of it under the image's bilinear filter.
+
+    Picking one input pixel per output pixel instead (nearest neighbour) shifts labels
+    shrunk to a third by a third of an output pixel against the image's centres.
+    """
+    from scipy import ndimage as ndi
+
+    rows, cols = _resampling(labels.shape[0], size[0]), _resampling(labels.shape[1], size[1])
+    best = rows @ (labels == 0).astype(np.float64) @ cols.T
+    out = np.zeros(size, labels.dtype)
+    for value, box in enumerate(ndi.find_objects(labels), start=1):
+        if box is None:
+            continue
+        r, c = rows[:, box[0]], cols[:, box[1]]
+        r_out, c_out = np.flatnonzero(r.any(axis=1)), np.flatnonzero(c.any(axis=1))
+        window = slice(r_out[0], r_out[-1] + 1), slice(c_out[0], c_out[-1] + 1)
+        mine = (labels[box] == value).astype(np.float64)
+        cover = r[window[0]] @ mine @ c[window[1]].T
+        more = cover > best[window]
+        best[window] = np.where(more, cover, best[window])
+        out[window] = np.where(more, value, out[window])
+    return out
+
+
 def shift_image(image: np.ndarray, labels: np.ndarray, kind: str, amount: float, seed: int):
-    """Apply one shift to a raw ``(H, W, C)`` 8-bit image and its labels."""
+    """Apply one shift to a raw ``(H, W, C)`` 8-bit image and its labels (rescaled by
+    :func:`resize_labels`)."""
     import torch
     import torch.nn.functional as F
     from scipy import ndimage as ndi
@@ -190,9 +228,7 @@ def shift_image(image: np.ndarray, labels: np.ndarray, kind: str, amount: float,
         t = torch.from_numpy(x.transpose(2, 0, 1).copy())[None]
         t = F.interpolate(t, size=size, mode="bilinear", align_corners=False, antialias=amount < 1)
         out = t[0].numpy().transpose(1, 2, 0)
-        lab = torch.from_numpy(labels.astype(np.int64))[None, None].float()
-        lab = F.interpolate(lab, size=size, mode="nearest")[0, 0].numpy().astype(labels.dtype)
-        return np.clip(np.round(out), 0, 255).astype(np.uint8), lab
+        return np.clip(np.round(out), 0, 255).astype(np.uint8), resize_labels(labels, size)
     if kind == "gamma":
         top = max(float(x.max()), 1.0)
         out = top * (x / top) ** amount

@@ -315,9 +315,13 @@ def test_shifts_change_image_and_labels_as_named():
     big, big_labels = generalization.shift_image(image, labels, "scale", 2.0, seed=0)
     assert big.shape == (40, 60, 3) and big_labels.shape == (40, 60)
     assert big_labels.dtype == np.uint16 and set(np.unique(big_labels)) == {0, 7}
-    assert (big_labels == 7).sum() == 4 * 100  # nearest neighbour: the area times four
+    assert (big_labels == 7).sum() == 4 * 100  # the area times four
     small, small_labels = generalization.shift_image(image, labels, "scale", 0.5, seed=0)
-    assert small.shape == (10, 15, 3) and (small_labels == 7).sum() == 25
+    assert small.shape == (10, 15, 3)
+    # Rows 5-14 become rows 2.5-7.5: rows 2 and 7 half covered (a tie, background).
+    assert np.array_equal(np.argwhere(small_labels == 7).min(0), [3, 5])
+    assert np.array_equal(np.argwhere(small_labels == 7).max(0), [6, 9])
+    assert (small_labels == 7).sum() == 4 * 5
     same, same_labels = generalization.shift_image(image, labels, "identity", 1.0, seed=0)
     assert same is image and same_labels is labels
     dim, dim_labels = generalization.shift_image(image, labels, "dim", 0.1, seed=0)
@@ -331,6 +335,23 @@ def test_shifts_change_image_and_labels_as_named():
     assert blurred.shape == (20, 30, 1) and 0 < blurred[5, 10, 0] < 200
     with pytest.raises(ValueError, match="unknown shift"):
         generalization.shift_image(image, labels, "sepia", 1.0, seed=0)
+
+
+def test_shrunk_labels_lie_where_the_shrunk_image_shows_them():
+    """Nuclei shrunk to a third: the labels cover the pixels that the image's own
+    threshold finds, at every offset of the nuclei to the third-pixel grid."""
+    yy, xx = np.mgrid[:90, :90]
+    labels = np.zeros((90, 90), np.uint16)
+    for k, (y, x) in enumerate([(20, 20), (21, 50), (52, 22), (53, 70), (75, 40)], start=1):
+        labels[(yy - y) ** 2 + (xx - x) ** 2 <= 7.5**2] = k
+    image = np.where(labels > 0, 200, 10).astype(np.uint8)[..., None]
+    small, small_labels = generalization.shift_image(image, labels, "scale", 1 / 3, seed=0)
+    found, truth = small[..., 0] > 105, small_labels > 0
+    assert (found & truth).sum() / (found | truth).sum() > 0.95
+    assert set(np.unique(small_labels)) == set(range(6))
+    for k in range(1, 6):  # each nucleus keeps about its area over nine
+        assert abs((small_labels == k).sum() - (labels == k).sum() / 9) <= 4
+    assert np.array_equal(generalization.resize_labels(labels, (90, 90)), labels)
 
 
 def test_generalization_summary_needs_every_group_for_a_held_out_mean():
@@ -354,3 +375,33 @@ def test_generalization_defaults_point_to_shipped_files():
     assert generalization.VARIANTS.is_file()
     assert generalization.VARIANTS.parent == generalization.RESULTS
     assert (generalization.RESULTS / "generalization.json").is_file()
+
+
+def test_magnify_benchmark_scores_the_packages_ways_against_the_earlier_one():
+    """Its bicubic way is what predict_foreground does, its image-pixel labels what
+    labels_of does below a scale of 2 (and did above it)."""
+    import torch
+
+    from s2l_core.infer import predict_foreground
+    from s2l_core.model import UNet
+    from s2l_core.predict import Preset, labels_of
+
+    magnify = _load("bench_magnify")
+    torch.manual_seed(0)
+    net = UNet(base_channels=8, depth=2).eval()
+    image = np.random.default_rng(0).random((3, 24, 20)).astype(np.float32)
+    np.testing.assert_array_equal(
+        magnify.magnified(net, image, 2.5, "bicubic"), predict_foreground(net, image, scale=2.5)
+    )
+    assert not np.array_equal(
+        magnify.magnified(net, image, 2.5, "bilinear"), predict_foreground(net, image, scale=2.5)
+    )
+    yy, xx = np.mgrid[:40, :40]
+    prob = np.zeros((40, 40), np.float32)
+    for y, x in ((10, 10), (10, 17), (28, 25)):
+        prob = np.maximum(prob, np.clip(4 - np.hypot(yy - y, xx - x), 0, 1))
+    preset = Preset(tta=False)
+    for scale in (0.5, 1.0, 1.9):
+        assert np.array_equal(
+            magnify.image_pixels(prob, preset, scale), labels_of(prob, preset, scale=scale)
+        )

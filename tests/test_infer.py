@@ -370,6 +370,32 @@ def test_tta_reuses_a_given_identity_view_and_checks_it():
         predict_dihedral(partial(predict_tiled, BrightNet()), image, identity=plain[:, :55])
 
 
+def test_images_are_magnified_bicubically_and_shrunk_bilinearly():
+    """What the network is given: an image magnified by bicubic interpolation (a step
+    overshoots on both sides, steeper than bilinear), one shrunk by antialiased
+    bilinear (a weighted mean of the pixels it covers); the probability comes back at
+    the image's size."""
+    image = np.zeros((3, 12, 12), np.float32)
+    image[:, :, 6:] = 1.0  # a vertical step
+    seen = []
+
+    def network(x):
+        seen.append(x)
+        return np.full(x.shape[-2:], 0.5, np.float32)
+
+    assert predict_rescaled(network, image, 4.0).shape == (12, 12)
+    assert seen[-1].shape == (3, 48, 48)
+    up = seen[-1][0, 0]
+    assert up.min() < 0 and up.max() > 1  # the bicubic overshoot
+    linear = torch.nn.functional.interpolate(torch.from_numpy(image)[None], scale_factor=4,
+                                             mode="bilinear")[0, 0, 0].numpy()  # fmt: skip
+    assert np.diff(up).max() > 1.1 * np.diff(linear).max()  # a steeper step
+    predict_rescaled(network, image, 0.5)
+    assert seen[-1].shape == (3, 6, 6)
+    # Each pixel the mean of the four nearest, weighted 1, 3, 3, 1 (no overshoot).
+    np.testing.assert_allclose(seen[-1][0, 0], [0, 0, 0.125, 0.875, 1, 1], atol=1e-6)
+
+
 def test_the_pieces_compose_into_predict_foreground():
     """Rescaling around test-time augmentation around one pass: predict_foreground."""
     torch.manual_seed(0)

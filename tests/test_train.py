@@ -346,6 +346,17 @@ def test_labels_of_reads_the_presets_sizes_in_the_networks_pixels():
     speck = big.copy()
     speck[35, 35] = 1.0  # one pixel: kept by min_size 1 at any scale
     assert labels_of(speck, preset.but(min_size=1), "components", scale=0.5).max() == 3
+    # Two nuclei 7 pixels across, 5.5 apart, found on an image magnified four times: the
+    # watershed at the network's pixels (28-pixel nuclei) splits them, at the image's not.
+    yy, xx = np.mgrid[:30, :30]
+    pair = np.zeros((30, 30), np.float32)
+    for x in (10.0, 15.5):
+        pair = np.maximum(pair, np.clip(3.5 - np.hypot(yy - 10, xx - x), 0, 1))
+    split = labels_of(pair, preset, scale=4.0)
+    assert split.max() == 2 and split.dtype == np.uint16 and split.shape == (30, 30)
+    assert np.array_equal(split > 0, labels_of(pair, preset, None, scale=4.0) > 0)
+    assert split[10, 8] != split[10, 17]
+    assert foreground_to_instances(pair, split_depth=0.5, min_size=1).max() == 1
     with pytest.raises(ValueError, match="not 'auto'"):
         labels_of(prob, preset, scale="auto")
     with pytest.raises(ValueError, match="scale"):
