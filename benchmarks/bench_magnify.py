@@ -58,19 +58,9 @@ def image_pixels(prob: np.ndarray, preset, scale: float) -> np.ndarray:
 def magnified(model, image: np.ndarray, scale: float, mode: str) -> np.ndarray:
     """Probability of ``image`` magnified by ``scale`` (``mode`` interpolation), back
     at the image's size."""
-    import torch
-    import torch.nn.functional as F
+    from s2l_core.infer import predict_rescaled, predict_tiled
 
-    from s2l_core.infer import predict_tiled
-
-    h, w = image.shape[-2:]
-    x = F.interpolate(
-        torch.from_numpy(image)[None], size=(round(h * scale), round(w * scale)), mode=mode,
-        align_corners=False,
-    )  # fmt: skip
-    prob = torch.from_numpy(predict_tiled(model, x[0].numpy()))[None, None]
-    back = F.interpolate(prob, size=(h, w), mode="bilinear", align_corners=False, antialias=True)
-    return back[0, 0].clamp_(0.0, 1.0).numpy()
+    return predict_rescaled(lambda x: predict_tiled(model, x), image, scale, magnify=mode)
 
 
 def measure(model, images, preset) -> list[dict]:

@@ -278,7 +278,10 @@ def predict_dihedral(
 
 
 def predict_rescaled(
-    predict: Callable[[np.ndarray], np.ndarray], image: np.ndarray, scale: float
+    predict: Callable[[np.ndarray], np.ndarray],
+    image: np.ndarray,
+    scale: float,
+    magnify: str = "bicubic",
 ) -> np.ndarray:
     """``predict`` of ``image`` magnified by ``scale``, back at the image's own size.
 
@@ -294,6 +297,8 @@ def predict_rescaled(
         ``(3, H, W)`` normalised image.
     scale : float
         The magnification: the network sees nuclei ``scale`` times wider.
+    magnify : {"bicubic", "bilinear"}, optional
+        The interpolation that magnifies (``scale > 1``).
 
     Returns
     -------
@@ -303,8 +308,11 @@ def predict_rescaled(
     Raises
     ------
     ValueError
-        If ``scale`` is not a positive finite number, or shrinks the image below a pixel.
+        If ``scale`` is not a positive finite number, or shrinks the image below a pixel,
+        or ``magnify`` is neither interpolation.
     """
+    if magnify not in ("bicubic", "bilinear"):
+        raise ValueError(f"magnify must be 'bicubic' or 'bilinear', not {magnify!r}")
     scale = _check_scale(scale, image.shape[-2:])
     if scale == 1.0:
         return predict(image)
@@ -312,7 +320,7 @@ def predict_rescaled(
     x = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))[None]
     size = (max(1, round(h * scale)), max(1, round(w * scale)))
     if scale > 1:
-        x = F.interpolate(x, size=size, mode="bicubic", align_corners=False)
+        x = F.interpolate(x, size=size, mode=magnify, align_corners=False)
     else:
         x = F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=True)
     prob = predict(x[0].numpy())

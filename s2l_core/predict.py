@@ -710,11 +710,21 @@ def labels_of(
     if scale >= 2:  # magnified: labelled on a finer grid, near the network's pixels
         return _labels_magnified(prob, preset, instances, scale)
     return foreground_to_instances(
-        prob, threshold=preset.threshold, method=instances, split_depth=SPLIT_DEPTH / scale,
-        # 0 and 1 keep every object at any scale
-        min_size=preset.min_size if preset.min_size <= 1 else round(preset.min_size / scale**2),
-        min_peak=min_peak, smooth=smooth,
+        prob, threshold=preset.threshold, method=instances, min_peak=min_peak,
+        **_sizes_in_pixels(preset, 1 / scale),
     )  # fmt: skip
+
+
+def _sizes_in_pixels(preset: Preset, per_network_pixel: float) -> dict[str, float | int]:
+    """The preset's sizes, given in the network's pixels, in pixels of which
+    ``per_network_pixel`` span one of the network's (per side): ``split_depth``,
+    ``min_size`` (an area; 0 and 1 keep every object at any scale) and ``smooth``."""
+    area = per_network_pixel**2
+    return {
+        "split_depth": SPLIT_DEPTH * per_network_pixel,
+        "min_size": preset.min_size if preset.min_size <= 1 else round(preset.min_size * area),
+        "smooth": preset.smooth * per_network_pixel,
+    }
 
 
 def _labels_magnified(prob: np.ndarray, preset: Preset, method: str, scale: float) -> np.ndarray:
@@ -731,11 +741,9 @@ def _labels_magnified(prob: np.ndarray, preset: Preset, method: str, scale: floa
         torch.from_numpy(np.ascontiguousarray(prob, dtype=np.float32))[None, None],
         size=(k * h, k * w), mode="bilinear", align_corners=False,
     )[0, 0].numpy()  # fmt: skip
-    ratio = k / scale  # fine pixels per network pixel
     labels = foreground_to_instances(
-        fine, threshold=preset.threshold, method=method, split_depth=SPLIT_DEPTH * ratio,
-        min_size=preset.min_size if preset.min_size <= 1 else round(preset.min_size * ratio**2),
-        min_peak=preset.min_peak or None, smooth=preset.smooth * ratio,
+        fine, threshold=preset.threshold, method=method, min_peak=preset.min_peak or None,
+        **_sizes_in_pixels(preset, k / scale),
     )  # fmt: skip
     labels = relabel_sequential(labels[k // 2 :: k, k // 2 :: k])[0]  # objects under a pixel go
     return labels.astype(np.uint16 if labels.max() <= np.iinfo(np.uint16).max else np.uint32)

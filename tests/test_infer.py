@@ -390,6 +390,10 @@ def test_images_are_magnified_bicubically_and_shrunk_bilinearly():
     linear = torch.nn.functional.interpolate(torch.from_numpy(image)[None], scale_factor=4,
                                              mode="bilinear")[0, 0, 0].numpy()  # fmt: skip
     assert np.diff(up).max() > 1.1 * np.diff(linear).max()  # a steeper step
+    predict_rescaled(network, image, 4.0, magnify="bilinear")  # for comparison
+    np.testing.assert_allclose(seen[-1][0, 0], linear, atol=1e-6)
+    with pytest.raises(ValueError, match="magnify must be 'bicubic' or 'bilinear'"):
+        predict_rescaled(network, image, 4.0, magnify="nearest")
     predict_rescaled(network, image, 0.5)
     assert seen[-1].shape == (3, 6, 6)
     # Each pixel the mean of the four nearest, weighted 1, 3, 3, 1 (no overshoot).
