@@ -57,7 +57,7 @@ from s2l_core.augment import (
     render_crops,
 )
 from s2l_core.config import TrainConfig
-from s2l_core.files import write_json
+from s2l_core.files import write_json, write_text
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results" / "speed" / "augment.json"
@@ -312,7 +312,7 @@ def main() -> None:
         "results": rows,
     }
     write_json(args.out, result)
-    args.out.with_suffix(".md").write_text(_markdown(result), encoding="utf-8")
+    write_text(args.out.with_suffix(".md"), _markdown(result))
     print(f"written to {args.out} and {args.out.with_suffix('.md')}")
 
 

@@ -191,7 +191,7 @@ def main(argv: list[str] | None = None) -> None:
     import pandas as pd
     from bench_generalization import IN_DISTRIBUTION, folds, open_data, shift_image
 
-    from s2l_core.files import atomic_path
+    from s2l_core.files import atomic_path, write_text
     from s2l_core.predict import load_model
 
     work = Path(args.work)
@@ -275,8 +275,7 @@ def main(argv: list[str] | None = None) -> None:
         ]
     )
     args.output.mkdir(parents=True, exist_ok=True)
-    with atomic_path(args.output / f"autoscale_{args.variant}_s{args.seed}.md") as tmp:
-        Path(tmp).write_text(text)
+    write_text(args.output / f"autoscale_{args.variant}_s{args.seed}.md", text)
     print(text)
 
 

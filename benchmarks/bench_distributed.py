@@ -255,7 +255,7 @@ def main(argv: list[str] | None = None) -> None:
         run_child(json.loads(Path(args.child).read_text()))
         return
     if args.markdown_only:
-        from s2l_core.files import atomic_path, read_json, write_json
+        from s2l_core.files import read_json, write_json, write_text
 
         report = read_json(args.output)
         spec = report["spec"]
@@ -264,14 +264,13 @@ def main(argv: list[str] | None = None) -> None:
             len(report["results"][0]["runs"]),
         )  # fmt: skip
         write_json(args.output, report)
-        with atomic_path(args.output.with_suffix(".md")) as tmp:
-            Path(tmp).write_text(to_markdown(report))
+        write_text(args.output.with_suffix(".md"), to_markdown(report))
         return
 
     import torch
 
     from s2l_core import data, scribbles
-    from s2l_core.files import atomic_path, write_json
+    from s2l_core.files import write_json, write_text
 
     # Prepared once here, so that the timed runs only read it.
     dataset = data.prepare_dataset(args.source, args.cache_dir, progress=False)
@@ -313,8 +312,7 @@ def main(argv: list[str] | None = None) -> None:
     }
     write_json(args.output, report)
     markdown = to_markdown(report)
-    with atomic_path(args.output.with_suffix(".md")) as tmp:
-        Path(tmp).write_text(markdown)
+    write_text(args.output.with_suffix(".md"), markdown)
     print(f"\n{markdown}\nwritten to {args.output} and {args.output.with_suffix('.md')}")
 
 

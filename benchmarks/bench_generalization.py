@@ -608,7 +608,7 @@ def plot_shifts(shifts: dict[str, dict[str, dict]], path: Path) -> None:
 
 
 def report(args) -> None:
-    from s2l_core.files import atomic_path, write_json
+    from s2l_core.files import atomic_path, write_json, write_text
 
     work = Path(args.work)
     rows = gather(work)
@@ -638,8 +638,7 @@ def report(args) -> None:
         )
     if shifts:
         markdown += "\n" + shifts_markdown(shifts)
-    with atomic_path(out / f"{args.name}.md") as tmp:
-        Path(tmp).write_text(markdown)
+    write_text(out / f"{args.name}.md", markdown)
     with atomic_path(out / f"{args.name}_per_image.csv.gz") as tmp:
         rows.to_csv(tmp, index=False, float_format="%.4f", compression="gzip")
     per_fold = summarize(rows)

@@ -106,7 +106,7 @@ def main(argv: list[str] | None = None) -> None:
     import pandas as pd
     from bench_generalization import IN_DISTRIBUTION, folds, open_data, shift_image
 
-    from s2l_core.files import atomic_path
+    from s2l_core.files import atomic_path, write_text
     from s2l_core.predict import Preset, load_model
 
     work = Path(args.work)
@@ -165,8 +165,7 @@ def main(argv: list[str] | None = None) -> None:
         ]
     )
     args.output.mkdir(parents=True, exist_ok=True)
-    with atomic_path(args.output / f"magnify_{args.variant}.md") as tmp:
-        Path(tmp).write_text(text)
+    write_text(args.output / f"magnify_{args.variant}.md", text)
     print(text)
 
 

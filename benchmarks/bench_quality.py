@@ -38,7 +38,7 @@ from s2l_core import data, scribbles
 from s2l_core.baselines import RandomForestSegmenter
 from s2l_core.config import TrainConfig
 from s2l_core.evaluate import SCORES, score_images
-from s2l_core.files import atomic_path, write_json
+from s2l_core.files import atomic_path, write_json, write_text
 from s2l_core.samples import load_samples
 from s2l_core.train import Trainer
 
@@ -191,8 +191,7 @@ def main() -> None:
     for size in counts.index:
         table = by_size.loc[size].round(3).to_markdown()
         lines += [f"### {size} ({counts[size]} images)", "", table, ""]
-    with atomic_path(out / f"{name}.md") as tmp:
-        tmp.write_text("\n".join(lines) + "\n")
+    write_text(out / f"{name}.md", "\n".join(lines) + "\n")
     print(overall.round(3).to_string())
     print(by_size.round(3).to_string())
     print(f"written to {out / name}.json/.md/.csv")

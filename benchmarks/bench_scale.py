@@ -42,7 +42,7 @@ from s2l_core.cli import (
     threshold_argument,
 )
 from s2l_core.evaluate import PLAIN, SCORES, dataset_images, score_images
-from s2l_core.files import atomic_path, write_json
+from s2l_core.files import atomic_path, write_json, write_text
 from s2l_core.predict import load_model, predict_probability
 
 HERE = Path(__file__).resolve().parent
@@ -295,8 +295,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     with atomic_path(output.with_suffix(".csv")) as tmp:
         per_image.to_csv(tmp, index=False, float_format="%.4f")
-    with atomic_path(output.with_suffix(".md")) as tmp:
-        tmp.write_text(to_markdown(per_image, command, args.modality))
+    write_text(output.with_suffix(".md"), to_markdown(per_image, command, args.modality))
     print(f"written to {output} (.md, .csv)")
 
 

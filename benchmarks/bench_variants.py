@@ -215,7 +215,7 @@ def main(argv: list[str] | None = None) -> None:
 
     import torch
 
-    from s2l_core.files import atomic_path, write_json
+    from s2l_core.files import write_json, write_text
 
     variants = load_variants(args.variants)
     for v in variants:
@@ -268,8 +268,7 @@ def main(argv: list[str] | None = None) -> None:
     args.output.parent.mkdir(parents=True, exist_ok=True)
     write_json(args.output, report)
     markdown = to_markdown(report)
-    with atomic_path(args.output.with_suffix(".md")) as tmp:
-        Path(tmp).write_text(markdown)
+    write_text(args.output.with_suffix(".md"), markdown)
     print(markdown)
 
 

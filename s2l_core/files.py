@@ -44,6 +44,7 @@ __all__ = [
     "temporary_dir",
     "write_image",
     "write_json",
+    "write_text",
 ]
 
 PathLike = str | os.PathLike
@@ -387,6 +388,13 @@ def write_json(path: PathLike, obj: Any) -> None:
     """Write ``obj`` as indented JSON to ``path``, atomically."""
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
+def write_text(path: PathLike, text: str) -> None:
+    """Write ``text`` to ``path`` as UTF-8, atomically: the file holds the old text or
+    the new, never part of it."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
 
 
 def read_json(path: PathLike) -> Any:

@@ -389,6 +389,19 @@ def test_written_files_get_the_usual_mode(tmp_path):
     assert (tmp_path / "a.json").stat().st_mode & 0o777 == 0o666 & ~mask
 
 
+def test_write_text_replaces_whole_or_not_at_all(tmp_path):
+    from s2l_core.files import write_text
+
+    path = tmp_path / "notes" / "a.md"
+    write_text(path, "first\n")
+    write_text(path, "second é\n")
+    assert path.read_bytes() == "second é\n".encode()
+    with pytest.raises(UnicodeEncodeError):  # a lone surrogate cannot be written
+        write_text(path, "half\ud800")
+    assert path.read_text(encoding="utf-8") == "second é\n"
+    assert sorted(q.name for q in path.parent.iterdir()) == ["a.md"]  # no temporary left
+
+
 def test_read_image_kinds_of_png_and_jpeg(tmp_path):
     from PIL import Image
 
