@@ -58,7 +58,7 @@ def measure_grid(model, raw, truth, grid=GRID, device="cpu") -> list[dict]:
     from s2l_core.augment import normalize_image
     from s2l_core.infer import predict_foreground
     from s2l_core.metrics import evaluate_image
-    from s2l_core.predict import Preset, foreground_to_instances, labels_of, object_diameter
+    from s2l_core.predict import Preset, labels_of, measure_nuclei
 
     x = normalize_image(raw)
     post = Preset(tta=False)
@@ -71,7 +71,7 @@ def measure_grid(model, raw, truth, grid=GRID, device="cpu") -> list[dict]:
         prob = predict_foreground(model, x, device=device, scale=s)
         image_px = evaluate_image(labels_of(prob, post), truth)
         net_px = evaluate_image(labels_of(prob, post, scale=s), truth)
-        measured = object_diameter(foreground_to_instances(prob, threshold=0.5))
+        measured = measure_nuclei(prob)
         rows.append(
             {"scale": s, "iou": float(image_px["iou"]), "ap": float(image_px["ap"]),
              "iou_net": float(net_px["iou"]), "ap_net": float(net_px["ap"]),

@@ -77,8 +77,9 @@ SHIFTS: dict[str, list[tuple[str, str, float]]] = {
 SHOWN = ("iou", "ap", "f1", "aji")
 
 
-def presets() -> dict[str, tuple[str, object]]:
-    """Prediction settings scored for every network: name -> (probability, preset).
+def presets(modality: str = "fluorescence") -> dict[str, tuple[str, object]]:
+    """Prediction settings scored for every network of a modality: name ->
+    (probability, preset).
 
     The probability is one of ``scale1`` (plain, scale 1), ``scale1_tta``, ``up`` (the
     earlier ``scale="auto"``, which only magnified, towards 40 pixels), ``auto``
@@ -86,10 +87,11 @@ def presets() -> dict[str, tuple[str, object]]:
     """
     from dataclasses import replace
 
+    from s2l_core.evaluate import PLAIN as raw
     from s2l_core.predict import Preset
 
-    post = Preset()  # threshold, min_size, min_peak, smooth of the defaults
-    raw = Preset(min_size=16, min_peak=0.0, smooth=0.0)
+    # Threshold, split depth, min_size, min_peak, smooth of the modality's preset.
+    post = Preset.for_training("s2l", modality)
     return {
         "plain": ("scale1", raw),
         "post": ("scale1", post),
@@ -98,7 +100,7 @@ def presets() -> dict[str, tuple[str, object]]:
         "auto": ("auto", post),
         "default": ("auto_tta", post),
         "auto_tta_raw": ("auto_tta", raw),
-        "auto_tta_t0.4": ("auto_tta", replace(post, threshold=0.4)),
+        "auto_tta_t0.5": ("auto_tta", replace(post, threshold=0.5, split_depth=2.0)),
     }
 
 
@@ -358,10 +360,11 @@ def run_job(job: dict) -> str:
         for i in ids:
             yield i, dataset.image(i), dataset.labels(i)
 
-    named = {k: v for k, v in presets().items() if not job["presets"] or k in job["presets"]}
+    named = presets(job["modality"])
+    named = {k: v for k, v in named.items() if not job["presets"] or k in job["presets"]}
     rows = [r | {"shift": "none"} for r in score_network(model, images(score_ids), device, named)]
     if job["fold"] == IN_DISTRIBUTION and job.get("shifts", True):
-        named = {k: v for k, v in presets().items() if k in ("plain", "default")}
+        named = {k: v for k, v in presets(job["modality"]).items() if k in ("plain", "default")}
         for shift, kind, amount in SHIFTS[job["modality"]]:
             shifted = (
                 (i, *shift_image(img, lab, kind, amount, seed=k))
@@ -390,16 +393,15 @@ def run_rf(args) -> None:
 
     from s2l_core.augment import normalize_image
     from s2l_core.baselines import RandomForestSegmenter
-    from s2l_core.evaluate import SCORES
+    from s2l_core.evaluate import PLAIN, SCORES
     from s2l_core.files import atomic_path, write_json
     from s2l_core.metrics import evaluate_image
-    from s2l_core.predict import Preset, labels_of
+    from s2l_core.predict import labels_of
 
     data_args = {"dataset": args.dataset, "source": args.source, "ratio": args.ratio}
     dataset, scribble_set = open_data(data_args)
     out = Path(args.work) / "jobs"
     out.mkdir(parents=True, exist_ok=True)
-    raw = Preset(min_size=16, min_peak=0.0, smooth=0.0)
     for modality in args.modalities:
         for fold, (train_ids, _, score_ids) in folds(dataset, modality).items():
             name = f"rf__{modality}__{fold}__s0"
@@ -415,7 +417,7 @@ def run_rf(args) -> None:
             for i in score_ids:
                 truth = dataset.labels(i)
                 prob = rf.predict_proba(normalize_image(dataset.image(i)))
-                scores = evaluate_image(labels_of(prob, raw), truth)
+                scores = evaluate_image(labels_of(prob, PLAIN), truth)
                 rows.append(
                     {"image_id": i, "size": f"{truth.shape[0]}x{truth.shape[1]}",
                      "preset": "plain", "scale": 1.0, "shift": "none"}
@@ -490,9 +492,28 @@ def summarize(rows):
     return plain.groupby(keys)[list(SHOWN)].mean().reset_index()
 
 
+#: What the presets of the report are (:func:`presets`; ``earlier_default`` is the name
+#: the report gives to the ``default`` rows of jobs scored before the preset's threshold
+#: and split depth changed).
+PRESET_NOTES = {
+    "plain": "scale 1, no averaging, threshold 0.5, split depth 2, objects of 16 pixels or more",
+    "post": "scale 1, no averaging, the preset's threshold and clean-up",
+    "tta": "scale 1, averaged over the eight turns and mirror images (TTA)",
+    "up": "the earlier automatic scale (magnifies only), the preset's threshold",
+    "auto": "the automatic scale, no averaging, the preset's threshold and clean-up",
+    "default": "what `s2l predict` does: the modality's preset (`Preset.for_training`)",
+    "auto_tta_raw": "the automatic scale and TTA, thresholded plainly",
+    "auto_tta_t0.5": "the preset with threshold 0.5 and split depth 2",
+    "earlier_default": "the preset as it was before its threshold became 0.6 and its split "
+    "depth 1: threshold 0.5, split depth 2 (in the image's pixels); scored then",
+}
+
+
 def to_markdown(rows, command: str, title: str = "Generalization benchmark") -> str:
     per_fold = summarize(rows)
     lines = [f"# {title}", "", f"Command: `{command}`", ""]
+    shown = [p for p in PRESET_NOTES if p in set(per_fold["preset"])]
+    lines += ["Presets: " + "; ".join(f"`{p}`: {PRESET_NOTES[p]}" for p in shown) + ".", ""]
     key = ["variant", "method", "modality", "preset"]
     table = per_fold.pivot_table(index=[*key, "seed"], columns="fold", values="iou")
     ap = per_fold.pivot_table(index=[*key, "seed"], columns="fold", values="ap")

@@ -46,11 +46,11 @@ SHRINK = (0.5, 1 / 3)
 
 def image_pixels(prob: np.ndarray, preset, scale: float) -> np.ndarray:
     """Labels at the image's own pixels, the preset's sizes divided by the scale."""
-    from s2l_core.predict import SPLIT_DEPTH, foreground_to_instances
+    from s2l_core.predict import foreground_to_instances
 
     return foreground_to_instances(
         prob, threshold=preset.threshold, method=preset.method,
-        split_depth=SPLIT_DEPTH / scale, min_size=round(preset.min_size / scale**2),
+        split_depth=preset.split_depth / scale, min_size=round(preset.min_size / scale**2),
         min_peak=preset.min_peak or None, smooth=preset.smooth / scale,
     )  # fmt: skip
 

@@ -22,6 +22,7 @@ __all__ = [
     "check_smooth",
     "check_tau",
     "check_threshold",
+    "positive_pixels",
     "whole_number",
 ]
 
@@ -97,6 +98,22 @@ def check_threshold(threshold: float) -> float:
     if not 0.0 < threshold < 1.0:  # False for NaN too
         raise ValueError(f"threshold must be a probability in (0, 1), got {threshold}")
     return float(threshold)
+
+
+def positive_pixels(name: str, value: Any) -> float:
+    """Check an option that is a size in pixels (a split depth, a diameter): a positive
+    finite number, returned as a float.
+
+    Raises
+    ------
+    ValueError
+        If ``value`` is not a number (``True`` is not one), or is at most 0, infinite or
+        NaN.
+    """
+    number = isinstance(value, (int, float, np.number)) and not isinstance(value, bool)
+    if not (number and 0 < value < np.inf):  # False for NaN too
+        raise ValueError(f"{name} must be a positive finite number of pixels, got {value!r}")
+    return float(value)
 
 
 def check_smooth(smooth: float) -> float:

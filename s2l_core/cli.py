@@ -153,7 +153,8 @@ def _train(args: argparse.Namespace) -> int:
     from s2l_core.predict import Preset
 
     extra = {"baseline": args.baseline, "profile": args.profile}
-    extra["preset"] = Preset.for_training(args.baseline).to_dict()
+    modality = None if args.images else args.modality
+    extra["preset"] = Preset.for_training(args.baseline, modality).to_dict()
     if args.channel is not None:
         extra["channel"] = args.channel  # s2l predict takes the same channel by default
     trainer.export(out, extra=extra)
@@ -253,6 +254,11 @@ def threshold_argument(text: str) -> float:
     return _checked(checks.check_threshold, text)
 
 
+def split_depth_argument(text: str) -> float:
+    """``--split-depth`` (an ``argparse`` type): :func:`s2l_core.checks.positive_pixels`."""
+    return _checked(lambda value: checks.positive_pixels("split_depth", value), text)
+
+
 def smooth_argument(text: str) -> float:
     """``--smooth`` (an ``argparse`` type): :func:`s2l_core.checks.check_smooth`."""
     return _checked(checks.check_smooth, text)
@@ -266,6 +272,7 @@ def _predict(args: argparse.Namespace) -> int:
     preset = Preset.of_checkpoint(args.checkpoint).but(
         threshold=args.threshold, method=args.method, min_size=args.min_size,
         scale=args.scale, min_peak=args.min_peak, tta=args.tta, smooth=args.smooth,
+        split_depth=args.split_depth,
     )  # fmt: skip
     output = FolderOutput(
         mode=args.mode, suffix=args.format, probability=args.probability,
@@ -405,7 +412,12 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     pr.add_argument(
         "--threshold", type=threshold_argument,
-        help="foreground where the probability exceeds this (default: the preset's, 0.5)",
+        help="foreground where the probability exceeds this (default: the preset's, 0.6)",
+    )  # fmt: skip
+    pr.add_argument(
+        "--split-depth", type=split_depth_argument,
+        help="depth, in the network's pixels, of the valley between touching nuclei at "
+        "which the watershed splits them (default: the preset's, 1)",
     )  # fmt: skip
     pr.add_argument(
         "--min-size", type=int, help="smallest object kept, in pixels (default: the preset's)"

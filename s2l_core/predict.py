@@ -43,6 +43,7 @@ from s2l_core.checks import (
     check_scale,
     check_smooth,
     check_threshold,
+    positive_pixels,
     whole_number,
 )
 from s2l_core.files import (
@@ -68,11 +69,14 @@ __all__ = [
     "MANIFEST",
     "MAX_AUTO_PIXELS",
     "MAX_AUTO_SCALE",
+    "MEASURE_SPLIT_DEPTH",
+    "MEASURE_THRESHOLD",
     "MIN_AUTO_SCALE",
     "MIN_PEAK",
     "SCALE_RANGE",
     "SMOOTH",
     "SPLIT_DEPTH",
+    "THRESHOLD",
     "FolderOutput",
     "Preset",
     "auto_scale",
@@ -85,6 +89,7 @@ __all__ = [
     "labels_of",
     "list_images",
     "load_model",
+    "measure_nuclei",
     "object_diameter",
     "predict_folder",
     "predict_image",
@@ -137,8 +142,21 @@ def load_model(
 
 
 #: Depth, in pixels of distance to the background, of the valley between two touching
-#: nuclei that the watershed of :func:`foreground_to_instances` splits them at.
-SPLIT_DEPTH: float = 2.0
+#: nuclei that the watershed of :func:`foreground_to_instances` splits them at; the
+#: preset's, in the network's pixels, chosen on held-out acquisition groups and their
+#: images shrunk (``benchmarks/results/generalization/preset_s2l.md``).
+SPLIT_DEPTH: float = 1.0
+
+#: The preset's foreground threshold, chosen with :data:`SPLIT_DEPTH`: on images of
+#: acquisitions they never saw, networks trained on scribbles reach a little past the
+#: nuclei's borders, and 0.6 finds the borders better than 0.5.
+THRESHOLD: float = 0.6
+
+#: How ``scale="auto"`` splits a prediction into nuclei to measure them
+#: (:func:`measure_nuclei`): the foreground threshold and split depth its rule was
+#: chosen with.
+MEASURE_THRESHOLD: float = 0.5
+MEASURE_SPLIT_DEPTH: float = 2.0
 
 
 def _drop_small(labels: np.ndarray, min_size: int) -> np.ndarray:
@@ -208,11 +226,7 @@ def foreground_to_instances(
     check_min_peak(min_peak)
     smooth = check_smooth(smooth)
     min_size = whole_number("min_size", min_size, 0, unit="pixels")  # 0 and 1 keep all
-    number = isinstance(split_depth, (int, float, np.number)) and not isinstance(split_depth, bool)
-    if not (number and 0 < split_depth < np.inf):  # NaN crashed h_maxima outright
-        raise ValueError(
-            f"split_depth must be a positive finite number of pixels, got {split_depth!r}"
-        )
+    split_depth = positive_pixels("split_depth", split_depth)  # NaN crashed h_maxima
     fg = ndi.binary_fill_holes(_above(prob, threshold, smooth))
     regions = None  # 8-connected components of fg, once computed
     if min_size > 1 or min_peak is not None:
@@ -326,10 +340,33 @@ def object_diameter(labels: np.ndarray) -> float:
     return float(np.median(2.0 * np.sqrt(areas / np.pi)))
 
 
+def measure_nuclei(prob: np.ndarray, threshold: float = MEASURE_THRESHOLD) -> float:
+    """Median diameter, in pixels, of the nuclei of a foreground probability, as
+    ``scale="auto"`` measures them.
+
+    The foreground above ``threshold`` is split by a distance watershed of split depth
+    :data:`MEASURE_SPLIT_DEPTH` and measured by :func:`object_diameter`.
+
+    Parameters
+    ----------
+    prob : numpy.ndarray
+        ``(H, W)`` foreground probability.
+    threshold : float, optional
+        Foreground threshold, in (0, 1).
+
+    Returns
+    -------
+    float
+        The median equivalent diameter; NaN when there is no nucleus.
+    """
+    labels = foreground_to_instances(prob, threshold=threshold, split_depth=MEASURE_SPLIT_DEPTH)
+    return object_diameter(labels)
+
+
 def auto_scale(
     prob: np.ndarray,
     *,
-    threshold: float = 0.5,
+    threshold: float = MEASURE_THRESHOLD,
     diameter: float = AUTO_DIAMETER,
     max_scale: float = MAX_AUTO_SCALE,
     min_scale: float = MIN_AUTO_SCALE,
@@ -338,8 +375,8 @@ def auto_scale(
 ) -> float:
     """The scale that brings the nuclei of a prediction to ``diameter`` pixels.
 
-    The nuclei of ``prob`` are split by a distance watershed and measured
-    (:func:`object_diameter`), and so are those of each prediction in ``looks`` (see
+    The nuclei of ``prob`` are measured (:func:`measure_nuclei`), and so are those of
+    each prediction in ``looks`` (see
     :data:`LOOKS`). Nuclei under ``magnify_below`` pixels across are magnified and
     nuclei over ``diameter`` shrunk, to ``diameter`` (held between ``min_scale`` and
     ``max_scale``); nuclei between the two are left as they are, and so is a scale
@@ -384,7 +421,7 @@ def auto_scale(
             raise ValueError(f"the look at scale {s} has shape {np.shape(view)}, prob {prob.shape}")
 
     def measure(p: np.ndarray) -> float:
-        return object_diameter(foreground_to_instances(p, threshold=threshold))
+        return measure_nuclei(p, threshold)
 
     measured = measure(prob)
     if not np.isfinite(measured):
@@ -410,7 +447,9 @@ class Preset:
     ``s2l predict`` and :class:`s2l_core.annotation.AnnotationLoop` use the checkpoint's
     preset, or these defaults, for every setting they are not given. The defaults are
     the settings that score best on images of acquisitions the network never saw
-    (``benchmarks/results/generalization/``).
+    (``benchmarks/results/generalization/``). Its sizes (``split_depth``, ``min_size``,
+    ``smooth``) are in the network's pixels: on an image that ``scale`` magnifies or
+    shrinks they scale with it (:func:`labels_of`).
 
     Attributes
     ----------
@@ -418,6 +457,9 @@ class Preset:
         Foreground threshold, in (0, 1).
     method : {"watershed", "components"}
         How the foreground is split into nuclei (:func:`foreground_to_instances`).
+    split_depth : float
+        Depth (pixels of distance) of the valley at which the watershed splits touching
+        nuclei (:func:`foreground_to_instances`).
     min_size : int
         Smallest object kept, in pixels.
     min_peak : float
@@ -432,8 +474,9 @@ class Preset:
         Test-time augmentation (eight turns and mirror images): eight times the work.
     """
 
-    threshold: float = 0.5
+    threshold: float = THRESHOLD
     method: str = "watershed"
+    split_depth: float = SPLIT_DEPTH
     min_size: int = 24
     min_peak: float = MIN_PEAK
     smooth: float = SMOOTH
@@ -445,17 +488,14 @@ class Preset:
         set_ = object.__setattr__
         set_(self, "threshold", check_threshold(self.threshold))
         check_method(self.method)
+        set_(self, "split_depth", positive_pixels("split_depth", self.split_depth))
         set_(self, "min_size", whole_number("min_size", self.min_size, 0, unit="pixels"))
         if self.min_peak is None:  # None and 0 both keep every region
             set_(self, "min_peak", 0.0)
         set_(self, "min_peak", float(check_min_peak(self.min_peak)))
         set_(self, "smooth", check_smooth(self.smooth))
         set_(self, "scale", check_scale(self.scale))
-        d = self.diameter
-        number = isinstance(d, (int, float, np.number)) and not isinstance(d, bool)
-        if not (number and 0 < d < np.inf):
-            raise ValueError(f"diameter must be a positive finite number of pixels, got {d!r}")
-        set_(self, "diameter", float(d))
+        set_(self, "diameter", positive_pixels("diameter", self.diameter))
         if not isinstance(self.tta, (bool, np.bool_)):
             raise ValueError(f"tta must be True or False, got {self.tta!r}")
         set_(self, "tta", bool(self.tta))
@@ -476,7 +516,8 @@ class Preset:
     @classmethod
     def of_checkpoint(cls, state: dict | str | os.PathLike) -> Preset:
         """The preset a checkpoint stores (``state["extra"]["preset"]``), else the
-        defaults; ``state`` is a loaded checkpoint or the path of one."""
+        defaults; ``state`` is a loaded checkpoint or the path of one. A stored preset
+        without ``split_depth`` (written before it was a setting) splits at 2."""
         if not isinstance(state, dict):
             state = load_checkpoint(state)
         stored = (state.get("extra") or {}).get("preset")
@@ -484,16 +525,24 @@ class Preset:
             return cls()
         if not isinstance(stored, dict):
             raise ValueError(f"the checkpoint's preset is not a dict of settings: {stored!r}")
-        return cls.from_dict(stored)
+        # Presets stored before the split depth was one of their settings split at 2.
+        return cls.from_dict({"split_depth": 2.0, **stored})
 
     @classmethod
-    def for_training(cls, baseline: str = "s2l") -> Preset:
+    def for_training(cls, baseline: str = "s2l", modality: str | None = None) -> Preset:
         """The preset stored with a network trained as ``baseline`` (``"s2l"``,
-        ``"pce"`` or ``"full"``): the defaults, except that a network trained on full
-        masks is less confident and keeps regions that peak above 0.9 (``min_peak``)."""
+        ``"pce"`` or ``"full"``) on ``modality`` (a BBBC038 modality, or ``None`` for
+        one's own images): the defaults, except that a network trained on full masks is
+        less confident and keeps regions that peak above 0.9 (``min_peak``), and that
+        networks trained on histopathology keep the threshold of 0.5 and split depth of
+        2 that score best on its validation split (the defaults cost it 0.01 IoU there;
+        ``benchmarks/results/generalization/preset_s2l.md``)."""
         if baseline not in ("s2l", "pce", "full"):
             raise ValueError(f"baseline must be 's2l', 'pce' or 'full', got {baseline!r}")
-        return cls(min_peak=0.9) if baseline == "full" else cls()
+        settings: dict[str, Any] = {"min_peak": 0.9} if baseline == "full" else {}
+        if modality == "histopathology":
+            settings.update(threshold=0.5, split_depth=2.0)
+        return cls(**settings)
 
     def but(self, **settings: Any) -> Preset:
         """A copy with the settings that are not ``None`` replaced."""
@@ -510,8 +559,8 @@ class Preset:
         """Foreground probability of a normalised ``(3, H, W)`` image at this preset's
         scale, diameter and TTA, and the scale used (:func:`predict_probability`)."""
         return predict_probability(
-            model, image, scale=self.scale, device=device, threshold=self.threshold,
-            tile=tile, diameter=self.diameter, tta=self.tta,
+            model, image, scale=self.scale, device=device, tile=tile,
+            diameter=self.diameter, tta=self.tta,
         )  # fmt: skip
 
     def labels(
@@ -528,7 +577,7 @@ def predict_probability(
     *,
     scale: float | str = 1.0,
     device: torch.device | str = "cpu",
-    threshold: float = 0.5,
+    threshold: float = MEASURE_THRESHOLD,
     tile: int = TILE,
     diameter: float = AUTO_DIAMETER,
     tta: bool = False,
@@ -721,7 +770,7 @@ def _sizes_in_pixels(preset: Preset, per_network_pixel: float) -> dict[str, floa
     ``min_size`` (an area; 0 and 1 keep every object at any scale) and ``smooth``."""
     area = per_network_pixel**2
     return {
-        "split_depth": SPLIT_DEPTH * per_network_pixel,
+        "split_depth": preset.split_depth * per_network_pixel,
         "min_size": preset.min_size if preset.min_size <= 1 else round(preset.min_size * area),
         "smooth": preset.smooth * per_network_pixel,
     }

@@ -369,6 +369,9 @@ def test_generalization_summary_needs_every_group_for_a_held_out_mean():
     assert cells[5] == "0.890 ± 0.010 (0.445)"  # in-distribution over both seeds
     assert cells[6] == "0.700 (0.350) [1 seed]"  # held-out mean of seed 0 only: (0.8+0.6)/2
     assert cells[8] == "0.750 ± 0.050 (0.375)"  # group a over both seeds
+    # The page says what each preset shown is, and only those.
+    presets = next(x for x in text.splitlines() if x.startswith("Presets: "))
+    assert presets == f"Presets: `default`: {generalization.PRESET_NOTES['default']}."
 
 
 def test_generalization_defaults_point_to_shipped_files():
@@ -405,3 +408,88 @@ def test_magnify_benchmark_scores_the_packages_ways_against_the_earlier_one():
         assert np.array_equal(
             magnify.image_pixels(prob, preset, scale), labels_of(prob, preset, scale=scale)
         )
+
+
+def test_preset_sweep_scores_kept_cases_and_averages_groups_then_seeds(tmp_path):
+    """Two held-out groups, two seeds, one kept probability each: the scores are found
+    from the kept files at every threshold and split depth, and the held-out mean
+    weighs groups alike whatever their number of images."""
+    import sys
+
+    sys.path.insert(0, str(BENCHMARKS))
+    preset = _load("bench_preset")
+    from s2l_core.predict import Preset, labels_of
+
+    folder = tmp_path / "preset"
+    folder.mkdir()
+    yy, xx = np.mgrid[:40, :40]
+    prob = np.clip(1.2 - np.hypot(yy - 20, xx - 20) / 8, 0, 1).astype(np.float32)
+    truth = (np.hypot(yy - 20, xx - 20) <= 6).astype(np.uint16)  # radius 6: p > 0.45
+    todo = [(g, s, "x1", f"{g}-img{k}", None) for g, n in [("a", 1), ("b", 2)]
+            for s in (0, 1) for k in range(n)]  # fmt: skip
+    for fold, seed, shift, image_id, _ in todo:
+        with open(folder / preset.kept_name(fold, seed, shift, image_id), "wb") as f:
+            np.savez_compressed(f, prob=prob.astype(np.float16), scale=1.0, truth=truth)
+    table = preset.score_cases(todo, folder, tmp_path / "scores.csv")
+    assert len(table) == len(todo) * len(preset.THRESHOLDS) * len(preset.SPLIT_DEPTHS)
+    row = table[(table.threshold == 0.6) & (table.split_depth == 1.0)].iloc[0]
+    labels = labels_of(prob, Preset(threshold=0.6, split_depth=1.0))
+    expected = ((labels > 0) & (truth > 0)).sum() / ((labels > 0) | (truth > 0)).sum()
+    assert row.iou == pytest.approx(expected, abs=1e-4)
+    again = preset.score_cases(todo, folder, tmp_path / "scores.csv")  # all kept: reused
+    pd.testing.assert_frame_equal(again, table)
+    # Group b's two images score 0 and 1, group a's one image 1: the held-out mean of
+    # the groups is (1 + 0.5) / 2, not (1 + 0 + 1) / 3.
+    scores = pd.DataFrame(
+        {"fold": ["a", "b", "b"], "seed": 0, "shift": "x1", "threshold": 0.6,
+         "split_depth": 1.0, "iou": [1.0, 0.0, 1.0], "ap": [1.0, 0.0, 1.0]}
+    )  # fmt: skip
+    means = preset.group_means(scores)
+    assert means.set_index("fold")["iou"].to_dict() == {"a": 1.0, "b": 0.5}
+    assert means["iou"].mean() == 0.75
+    page = preset.to_markdown(scores, "python benchmarks/bench_preset.py")
+    assert "| 0.75 |" in " ".join(page.split())
+
+
+def test_preset_sweep_keeps_cases_whose_scores_outlive_their_network(tmp_path, monkeypatch, capsys):
+    """A case is scored when its network, its kept probability or its kept scores are
+    there; one with none of them is left out and counted, and a case whose scores are
+    incomplete with nothing to finish them from stops with its name."""
+    import sys
+
+    sys.path.insert(0, str(BENCHMARKS))
+    preset = _load("bench_preset")
+    import bench_generalization
+
+    folds = {"a": ([], [], ["a1"]), "b": ([], [], ["b1"])}
+    monkeypatch.setattr(bench_generalization, "folds", lambda dataset, modality: folds)
+
+    class Histo:
+        def ids(self, modality, split):
+            return ["h1"]
+
+    (tmp_path / "ckpt").mkdir()
+    (tmp_path / "ckpt" / "s2l__fluorescence__a__s0.pt").write_bytes(b"")  # fold a, seed 0
+    (tmp_path / "preset").mkdir()
+    (tmp_path / "preset" / preset.kept_name("b", 0, "x1", "b1")).write_bytes(b"")
+    scored = {preset.kept_name("a", 1, "gamma 2", "a1")}
+    todo = preset.cases(Histo(), tmp_path, [0, 1], frozenset(scored), list(preset.SHIFTS))
+    names = {preset.kept_name(*case[:4]) for case in todo}
+    assert {c[:4] for c in todo if c[0] == "a" and c[1] == 0} == {
+        ("a", 0, s, "a1") for s in preset.SHIFTS
+    }
+    assert preset.kept_name("b", 0, "x1", "b1") in names
+    assert scored <= names
+    assert len(todo) == len(preset.SHIFTS) + 2
+    n_all = 2 * (2 * len(preset.SHIFTS) + 1)
+    assert f"{n_all - len(todo)} images left out" in capsys.readouterr().out
+    # Kept scores are not predicted again (the network is not there to do it) ...
+    without_network = [c for c in todo if c[1] == 1]
+    preset.predict_cases(None, without_network, tmp_path / "preset")
+    # ... and scores that lack a threshold stop with the case's name.
+    kept = tmp_path / "scores.csv"
+    pd.DataFrame(
+        {"file": sorted(scored), "threshold": 0.5, "split_depth": 1.0, "iou": 1.0, "ap": 1.0}
+    ).to_csv(kept, index=False)
+    with pytest.raises(SystemExit, match=r"a_s1_g2\.0_a1\.npz: scores incomplete"):
+        preset.score_cases(without_network, tmp_path / "preset", kept)

@@ -126,6 +126,13 @@ def test_cli_train_and_predict_own_images(tmp_path, capsys):
     smoothed = tmp_path / "smoothed"
     assert main([*args[:3], str(smoothed), "--quiet", "--smooth", "1.5"]) == 0
     assert json.loads((smoothed / "s2l_predict.json").read_text())["preset"]["smooth"] == 1.5
+    for bad in ("0", "-1", "inf", "deep"):
+        with pytest.raises(SystemExit):
+            main([*args[:3], str(tmp_path / "y"), "--split-depth", bad])
+    assert "--split-depth" in capsys.readouterr().err
+    split = tmp_path / "split"
+    assert main([*args[:3], str(split), "--quiet", "--split-depth", "3"]) == 0
+    assert json.loads((split / "s2l_predict.json").read_text())["preset"]["split_depth"] == 3.0
 
 
 def test_cli_trains_and_predicts_one_channel_of_two(tmp_path, capsys):

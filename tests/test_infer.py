@@ -26,6 +26,7 @@ from s2l_core.predict import (
     Preset,
     auto_scale,
     check_scale,
+    labels_of,
     object_diameter,
     predict_image,
     predict_probability,
@@ -416,15 +417,23 @@ def test_the_pieces_compose_into_predict_foreground():
 def test_preset_defaults_checks_and_checkpoint_round_trip():
     preset = Preset()
     assert (preset.scale, preset.tta, preset.min_peak, preset.min_size) == ("auto", True, 0.99, 24)
+    assert (preset.threshold, preset.split_depth) == (0.6, 1.0)
     assert Preset.from_dict(preset.to_dict()) == preset
     assert Preset.from_dict({"tta": False}) == Preset(tta=False)  # missing keys: defaults
     assert Preset(min_peak=None).min_peak == 0.0  # None and 0 both keep every region
     # ``but`` replaces the settings given, and None keeps the preset's.
     assert preset.but(scale=1.0, tta=None, threshold=None) == Preset(scale=1.0)
     # A checkpoint's own preset, or the defaults for one that has none.
-    assert Preset.of_checkpoint({"extra": {"preset": {"min_size": 40}}}) == Preset(min_size=40)
+    # A preset stored before split_depth was a setting split at 2; later ones say so.
+    old = {"extra": {"preset": {"min_size": 40}}}
+    assert Preset.of_checkpoint(old) == Preset(min_size=40, split_depth=2.0)
+    stored = {"extra": {"preset": Preset(split_depth=1.5).to_dict()}}
+    assert Preset.of_checkpoint(stored) == Preset(split_depth=1.5)
     assert Preset.of_checkpoint({"extra": {}}) == Preset.of_checkpoint({}) == Preset()
     assert Preset.for_training("full").min_peak == 0.9 and Preset.for_training("pce") == preset
+    assert Preset.for_training("s2l", "fluorescence") == Preset.for_training("s2l", None)
+    histology = Preset.for_training("full", "histopathology")
+    assert (histology.threshold, histology.split_depth, histology.min_peak) == (0.5, 2.0, 0.9)
     for bad, message in [
         ({"threshold": 1.0}, "threshold must be a probability"),
         ({"method": "blobs"}, "method must be 'watershed' or 'components'"),
@@ -433,6 +442,8 @@ def test_preset_defaults_checks_and_checkpoint_round_trip():
         ({"smooth": float("nan")}, "smooth must be a finite number"),
         ({"scale": "big"}, "scale must be a number from 0.0625 to 16 or 'auto'"),
         ({"diameter": 0}, "diameter must be a positive finite number"),
+        ({"split_depth": float("inf")}, "split_depth must be a positive finite number"),
+        ({"split_depth": True}, "split_depth must be a positive finite number"),
         ({"tta": "yes"}, "tta must be True or False"),
     ]:
         with pytest.raises(ValueError, match=message):
@@ -443,6 +454,19 @@ def test_preset_defaults_checks_and_checkpoint_round_trip():
         Preset.of_checkpoint({"extra": {"preset": 5}})
     with pytest.raises(ValueError, match="baseline must be"):
         Preset.for_training("rf")
+
+
+def test_preset_split_depth_is_in_the_networks_pixels():
+    """Two discs of radius 6, 8 pixels apart: a valley of about 3 pixels between them.
+    The preset's split depth splits them where it stays under the valley, in the image's
+    pixels: 3 splits them at scale 1 but not on an image the network saw at half its
+    size (6 of its pixels)."""
+    yy, xx = np.mgrid[:40, :50]
+    discs = ((yy - 20) ** 2 + (xx - 19) ** 2 <= 36) | ((yy - 20) ** 2 + (xx - 27) ** 2 <= 36)
+    prob = discs.astype(np.float32)
+    bare = Preset(min_size=1, min_peak=0.0, smooth=0.0, threshold=0.5)
+    for depth, scale, nuclei in [(1.0, 1.0, 2), (1.0, 0.5, 2), (3.0, 1.0, 2), (3.0, 0.5, 1)]:
+        assert labels_of(prob, bare.but(split_depth=depth), scale=scale).max() == nuclei
 
 
 def test_predict_image_takes_the_presets_settings():

@@ -34,7 +34,7 @@ import s2l_core.predict
 from s2l_core import data, scribbles
 from s2l_core.checkpoint import load_checkpoint
 from s2l_core.config import TrainConfig
-from s2l_core.evaluate import SCORES
+from s2l_core.evaluate import PLAIN, SCORES
 from s2l_core.files import atomic_path, write_json
 from s2l_core.predict import Preset, load_model
 from s2l_core.samples import load_samples
@@ -94,7 +94,7 @@ def main() -> None:
     name = f"s2l_{args.modality}_r{round(args.ratio * 100):03d}"
     checkpoint = args.out / f"{name}.pt"
     command = "python " + " ".join(shlex.quote(a) for a in sys.argv)
-    preset = Preset.for_training("s2l")
+    preset = Preset.for_training("s2l", args.modality)
     if args.rescore:
         load_checkpoint(checkpoint)  # checks the file
         # The file as stored (int8 weights stay int8), to rewrite its metadata only.
@@ -135,8 +135,7 @@ def main() -> None:
     # Score the weights as stored (int8), not the trainer's float32 ones.
     model, _ = load_model(checkpoint, "auto")
     device = next(model.parameters()).device
-    named = {"preset": ("auto_tta", preset), "plain": ("scale1", Preset(
-        min_size=16, min_peak=0.0, smooth=0.0))}  # fmt: skip
+    named = {"preset": ("auto_tta", preset), "plain": ("scale1", PLAIN)}
 
     def images(shift=None):
         for k, i in enumerate(split["test"]):
