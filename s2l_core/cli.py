@@ -266,10 +266,10 @@ def smooth_argument(text: str) -> float:
 
 def _predict(args: argparse.Namespace) -> int:
     from s2l_core import distributed
-    from s2l_core.predict import FolderOutput, Preset, predict_folder
+    from s2l_core.predict import FolderOutput, predict_folder
 
-    # The checkpoint's preset, with the settings given on the command line.
-    preset = Preset.of_checkpoint(args.checkpoint).but(
+    # The settings given on the command line change the checkpoint's preset.
+    preset = dict(
         threshold=args.threshold, method=args.method, min_size=args.min_size,
         scale=args.scale, min_peak=args.min_peak, tta=args.tta, smooth=args.smooth,
         split_depth=args.split_depth,

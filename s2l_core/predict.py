@@ -545,7 +545,11 @@ class Preset:
         return cls(**settings)
 
     def but(self, **settings: Any) -> Preset:
-        """A copy with the settings that are not ``None`` replaced."""
+        """A copy with the settings that are not ``None`` replaced; an unknown setting
+        is an error."""
+        unknown = set(settings) - {f.name for f in fields(self)}
+        if unknown:
+            raise ValueError(f"unknown preset settings {sorted(unknown)}")
         return replace(self, **{k: v for k, v in settings.items() if v is not None})
 
     def probability(
@@ -1033,7 +1037,7 @@ def predict_folder(
     input_dir: str | os.PathLike,
     output_dir: str | os.PathLike,
     *,
-    preset: Preset | None = None,
+    preset: Preset | Mapping[str, Any] | None = None,
     output: FolderOutput | None = None,
     channel: int | None = None,
     device: str | torch.device = "auto",
@@ -1047,10 +1051,11 @@ def predict_folder(
         A checkpoint of this package.
     input_dir, output_dir : str or os.PathLike
         Folders. ``output_dir`` must be new or empty, unless ``output.overwrite``.
-    preset : Preset, optional
+    preset : Preset or mapping, optional
         How the network's prediction becomes labels; default the checkpoint's
-        (:meth:`Preset.of_checkpoint`). To change one setting of it:
-        ``Preset.of_checkpoint(checkpoint).but(scale=1.0)``.
+        (:meth:`Preset.of_checkpoint`). A mapping changes the settings it names (those
+        not ``None``) of the checkpoint's preset, e.g. ``{"scale": 1.0}``; an unknown
+        setting is a ``ValueError``.
     output : FolderOutput, optional
         What to write and how (default: instance labels in the input's format).
     channel : int, optional
@@ -1114,7 +1119,8 @@ def predict_folder(
     model, state = distributed.on_every_rank(
         lambda: load_model(checkpoint, device), f"loading {checkpoint}"
     )
-    preset = preset or Preset.of_checkpoint(state)
+    if not isinstance(preset, Preset):
+        preset = Preset.of_checkpoint(state).but(**(preset or {}))
     device = next(model.parameters()).device
     if channel is None:
         channel = (state.get("extra") or {}).get("channel")

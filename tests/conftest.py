@@ -100,6 +100,18 @@ def make_archive(tmp_path) -> Callable[..., Path]:
     return build
 
 
+def load_tool(name: str):
+    """The module ``tools/<name>.py`` of this repository (the tools are scripts, not a
+    package)."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "tools" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def synthetic_nuclei(seed: int, shape: tuple[int, int] = (96, 96), n: int = 6):
     """A dark image with ``n`` bright disk nuclei: ``(rgb uint8, labels uint16)``."""
     rng = np.random.default_rng(seed)

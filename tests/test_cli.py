@@ -9,6 +9,7 @@ import pytest
 import tifffile
 from conftest import synthetic_nuclei
 
+from s2l_core import predict as predict_module
 from s2l_core.augment import normalize_image
 from s2l_core.cli import main
 from s2l_core.files import read_image, read_json, write_image
@@ -57,7 +58,7 @@ def _own_images(folder, n=3):
     return images, scribbles
 
 
-def test_cli_train_and_predict_own_images(tmp_path, capsys):
+def test_cli_train_and_predict_own_images(tmp_path, capsys, monkeypatch):
     images, scribbles = _own_images(tmp_path)
     out = tmp_path / "runs" / "mine.pt"
     args = ["train", "--images", str(images), "--scribbles", str(scribbles)]
@@ -74,9 +75,14 @@ def test_cli_train_and_predict_own_images(tmp_path, capsys):
     assert len(history) == 1 + 3  # header and three epochs
 
     labels_dir = tmp_path / "labels"
+    reads = []  # the checkpoint is read once: for the network and its preset
+    read = predict_module.load_checkpoint
+    monkeypatch.setattr(predict_module, "load_checkpoint", lambda p: reads.append(p) or read(p))
     assert (
         main(["predict", str(out), str(images), str(labels_dir), "--quiet", "--device", "cpu"]) == 0
     )
+    assert reads == [str(out)]
+    monkeypatch.undo()
     names = sorted(p.name for p in labels_dir.glob("cells_*"))
     assert names == ["cells_0.tif", "cells_1.tif", "cells_2.tif"]
     assert read_image(labels_dir / "cells_2.tif").shape == (80, 100)

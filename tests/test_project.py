@@ -9,6 +9,7 @@ import nbformat
 import pytest
 import tomllib
 import yaml
+from conftest import load_tool
 
 REPO = Path(__file__).resolve().parents[1]
 CHAPTERS = sorted((REPO / "book").glob("*.ipynb"))
@@ -92,15 +93,6 @@ def test_expected_outputs_belong_to_tagged_cells():
         assert [c.source for c in expected.cells] == sources, f"{path.name}: update expected"
 
 
-def _tool(name: str):
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location(name, REPO / "tools" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_papermills_injected_cell_is_hidden_from_the_page(tmp_path):
     notebook = nbformat.v4.new_notebook()
     injected = nbformat.v4.new_code_cell('profile = "smoke"')
@@ -109,14 +101,14 @@ def test_papermills_injected_cell_is_hidden_from_the_page(tmp_path):
     notebook.cells = [own, injected]
     path = tmp_path / "chapter.ipynb"
     nbformat.write(notebook, path)
-    _tool("run_book").hide_injected_parameters(path)
+    load_tool("run_book").hide_injected_parameters(path)
     cells = nbformat.read(path, 4).cells
     assert cells[1].metadata["tags"] == ["injected-parameters", "remove-cell"]
     assert cells[0].metadata["tags"] == ["parameters"]
 
 
 def test_book_check_finds_what_a_reader_must_not_meet(tmp_path):
-    check = _tool("check_book")
+    check = load_tool("check_book")
     html = tmp_path / "html"
     (html / "book").mkdir(parents=True)
     (html / "_sources" / "book").mkdir(parents=True)
@@ -189,7 +181,7 @@ def test_live_widgets_leave_the_page_and_pictures_stay(tmp_path):
     notebook.cells = [only_widget, with_picture, nbformat.v4.new_markdown_cell("text")]
     path = tmp_path / "chapter.ipynb"
     nbformat.write(notebook, path)
-    _tool("run_book").make_static(path)
+    load_tool("run_book").make_static(path)
     nb = nbformat.read(path, 4)
     assert "widgets" not in nb.metadata
     assert nb.cells[0].outputs == []
@@ -221,7 +213,7 @@ def test_each_page_says_how_it_was_made(tmp_path):
     ]
     path = tmp_path / "chapter.ipynb"
     nbformat.write(notebook, path)
-    run_book = _tool("run_book")
+    run_book = load_tool("run_book")
     run_book.add_banner(path, "smoke", 12.3)
     run_book.add_banner(path, "cpu", 1172.0)  # executed again: one banner, the last
     cells = nbformat.read(path, 4).cells
@@ -236,7 +228,7 @@ def test_each_page_says_how_it_was_made(tmp_path):
     not Path("/usr/bin/chromium").exists(), reason="needs Debian's chromium at /usr/bin/chromium"
 )
 def test_book_reader_meets_what_a_reader_would(tmp_path):
-    read_book = _tool("read_book")
+    read_book = load_tool("read_book")
     html = tmp_path / "html"
     (html / "book").mkdir(parents=True)
     (html / "book" / "01_good.html").write_text(

@@ -536,6 +536,18 @@ def test_predict_folder_of_mixed_images(tiny_checkpoint, tmp_path):
     settings = read_json(tmp_path / "plain" / "s2l_predict.json")["preset"]
     assert settings == Preset(scale=1.0, tta=False, min_peak=0.0).to_dict()
     assert len(plain) == 4
+    # Settings given as a mapping change the checkpoint's preset; None keeps its setting.
+    stored = Preset.of_checkpoint(tiny_checkpoint)
+    changed = {"scale": 1.0, "tta": False, "min_peak": 0, "threshold": None}
+    predict_folder(
+        tiny_checkpoint, src, tmp_path / "map", preset=changed, progress=False, device="cpu"
+    )
+    settings = read_json(tmp_path / "map" / "s2l_predict.json")["preset"]
+    assert settings == stored.but(scale=1.0, tta=False, min_peak=0.0).to_dict()
+    assert settings["threshold"] == stored.threshold
+    with pytest.raises(ValueError, match=r"unknown preset settings \['treshold'\]"):
+        predict_folder(tiny_checkpoint, src, tmp_path / "bad", preset={"treshold": 0.5})
+    assert not (tmp_path / "bad").exists()
 
 
 def test_predict_folder_errors_leave_no_partial_output(tiny_checkpoint, tmp_path):

@@ -39,21 +39,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import load_tool
 
 from s2l_core.files import atomic_path, read_image, write_image
 from s2l_core.scribbles import BACKGROUND, FOREGROUND, UNLABELLED, read_scribble
 from s2l_core.widgets import paint_stroke, rasterize_stroke
 
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_ARGS = [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
+# The same browser, with the same offline flags, as the book's reader.
+_READER = load_tool("read_book")
+CHROMIUM, CHROMIUM_ARGS = _READER.CHROMIUM, _READER.CHROMIUM_ARGS
 REPO = Path(__file__).resolve().parents[1]
 SCREENSHOT = REPO / "docs" / "widget.png"
 #: Deadline of every wait, generous for a loaded two-core machine.
