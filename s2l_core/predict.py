@@ -420,14 +420,11 @@ def auto_scale(
         if np.shape(view) != prob.shape:
             raise ValueError(f"the look at scale {s} has shape {np.shape(view)}, prob {prob.shape}")
 
-    def measure(p: np.ndarray) -> float:
-        return measure_nuclei(p, threshold)
-
-    measured = measure(prob)
+    measured = measure_nuclei(prob, threshold)
     if not np.isfinite(measured):
         return 1.0
     for s in sorted(looks, reverse=True):
-        d = measure(looks[s])
+        d = measure_nuclei(looks[s], threshold)
         seen = LOOK_VIEW[0] <= d * s <= LOOK_VIEW[1]  # False for NaN
         if seen and d >= LOOK_FACTOR * measured:
             measured = d
@@ -508,10 +505,7 @@ class Preset:
     def from_dict(cls, d: dict) -> Preset:
         """Inverse of :meth:`to_dict`; missing keys take the defaults, unknown keys are an
         error."""
-        unknown = set(d) - {f.name for f in fields(cls)}
-        if unknown:
-            raise ValueError(f"unknown preset settings {sorted(unknown)}")
-        return cls(**d)
+        return cls(**cls._known(d))
 
     @classmethod
     def of_checkpoint(cls, state: dict | str | os.PathLike) -> Preset:
@@ -547,10 +541,16 @@ class Preset:
     def but(self, **settings: Any) -> Preset:
         """A copy with the settings that are not ``None`` replaced; an unknown setting
         is an error."""
-        unknown = set(settings) - {f.name for f in fields(self)}
+        settings = self._known(settings)
+        return replace(self, **{k: v for k, v in settings.items() if v is not None})
+
+    @classmethod
+    def _known(cls, settings: Mapping[str, Any]) -> Mapping[str, Any]:
+        """``settings``, after checking that each names a setting of a preset."""
+        unknown = set(settings) - {f.name for f in fields(cls)}
         if unknown:
             raise ValueError(f"unknown preset settings {sorted(unknown)}")
-        return replace(self, **{k: v for k, v in settings.items() if v is not None})
+        return settings
 
     def probability(
         self,
