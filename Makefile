@@ -20,6 +20,9 @@ HAS_CUDA := $(shell nvidia-smi -L >/dev/null 2>&1 && echo yes)
 # Book profile: smoke (seconds per chapter), cpu (laptop), full (GPU); auto picks
 # full with CUDA, cpu otherwise.
 PROFILE ?= auto
+# More chapter parameters, each given to the chapters that have it, e.g. a shorter
+# chapter-4 training: make book BOOK_ARGS="-p n_train 96 -p epochs 42"
+BOOK_ARGS ?=
 # An offline copy of stage1_train.zip beside the checkout is used when present.
 MIRROR := $(wildcard ../shared/data/bbbc038/stage1_train.zip)
 ifneq ($(MIRROR),)
@@ -46,7 +49,7 @@ test: lint
 	$(PY) -m pytest
 
 book: $(STAMP)
-	$(PY) tools/run_book.py --profile $(PROFILE)
+	$(PY) tools/run_book.py --profile $(PROFILE) $(BOOK_ARGS)
 
 clean-book:
 	rm -rf _build

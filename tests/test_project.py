@@ -221,6 +221,40 @@ def test_each_page_says_how_it_was_made(tmp_path):
     assert len(banners) == 1 and cells[1] is banners[0] and len(cells) == 3
     assert "`cpu` profile" in banners[0].source and "1172 s" in banners[0].source
     assert "not results" not in banners[0].source  # only the smoke banner warns
+    run_book.add_banner(path, "cpu", 1300.0, {"n_train": 96, "epochs": 42})
+    (banner,) = [c for c in nbformat.read(path, 4).cells if "banner" in c.metadata.get("tags", [])]
+    assert "`cpu` profile and `n_train = 96`, `epochs = 42` on" in banner.source
+
+
+def test_each_chapter_gets_the_parameters_it_has(tmp_path):
+    run_book = load_tool("run_book")
+    notebook = nbformat.v4.new_notebook()
+    cell = nbformat.v4.new_code_cell(
+        'profile = "cpu"\nn_train = None  # all\nflag = (\n    False\n)\nsteps: int = 3\n'
+    )
+    cell.metadata["tags"] = ["parameters"]
+    notebook.cells = [nbformat.v4.new_code_cell("later = 1"), cell]
+    path = tmp_path / "chapter.ipynb"
+    nbformat.write(notebook, path)
+    assert run_book.declared_parameters(path) == {"profile", "n_train", "flag", "steps"}
+    given = {"profile": "cpu", "n_train": 96, "epochs": 42}
+    assert run_book.chapter_parameters(path, given) == {"profile": "cpu", "n_train": 96}
+    # Every chapter of the book has a parameters cell that names its profile.
+    for chapter in CHAPTERS:
+        assert "profile" in run_book.declared_parameters(chapter), chapter.name
+    training = REPO / "book" / "04_training.ipynb"
+    assert {"n_train", "epochs"} <= run_book.declared_parameters(training)
+
+
+def test_a_parameter_no_chapter_has_is_refused():
+    import subprocess
+    import sys
+
+    command = [sys.executable, str(REPO / "tools" / "run_book.py"), "--profile", "smoke"]
+    command += ["--chapters", "01_data", "-p", "n_train", "96", "--no-build"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    assert "no chapter to run has the parameters ['n_train']" in done.stderr
 
 
 @pytest.mark.browser

@@ -4,9 +4,10 @@ The committed notebooks in ``book/`` carry no outputs. This script
 
 1. reads the chapter order from ``_toc.yml``;
 2. executes each chapter in a fresh kernel with papermill, injecting the ``profile``
-   parameter (and any ``-p NAME VALUE`` given here), into ``_build/src/book/``, and —
-   under the default parameters — compares the outputs of cells tagged ``regression``
-   with ``book/expected/`` (:mod:`check_drift`);
+   parameter, and each ``-p NAME VALUE`` given here into the chapters whose parameters
+   cell names it, into ``_build/src/book/``; a chapter run with its default parameters
+   (the profile aside) has the outputs of its cells tagged ``regression`` compared with
+   ``book/expected/`` (:mod:`check_drift`);
 3. builds the book from ``_build/src`` with Jupyter Book, execution off and warnings as
    errors; the HTML lands in ``_build/html``, its download buttons serve the chapters as
    written, :mod:`check_book` checks the pages as a reader meets them offline, and
@@ -30,6 +31,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import ast
 import json
 import shutil
 import subprocess
@@ -75,7 +77,31 @@ def parse_value(text: str):
     return yaml.safe_load(text)
 
 
-def execute(chapters: list[str], parameters: dict, timings: dict, drift: bool = True) -> None:
+def declared_parameters(notebook: Path) -> set[str]:
+    """The names that the chapter's cell tagged ``parameters`` assigns (none without
+    one)."""
+    nb = json.loads(notebook.read_text(encoding="utf-8"))
+    for cell in nb["cells"]:
+        if "parameters" in cell.get("metadata", {}).get("tags", []):
+            tree = ast.parse("".join(cell["source"]))
+            return {
+                target.id
+                for node in tree.body
+                if isinstance(node, (ast.Assign, ast.AnnAssign))
+                for target in (node.targets if isinstance(node, ast.Assign) else [node.target])
+                if isinstance(target, ast.Name)
+            }
+    return set()
+
+
+def chapter_parameters(notebook: Path, parameters: dict) -> dict:
+    """The parameters one chapter gets: the profile always, the others where its
+    parameters cell names them."""
+    declared = declared_parameters(notebook)
+    return {k: v for k, v in parameters.items() if k == "profile" or k in declared}
+
+
+def execute(chapters: list[str], parameters: dict, timings: dict) -> None:
     import papermill as pm
 
     for chapter in chapters:
@@ -85,13 +111,14 @@ def execute(chapters: list[str], parameters: dict, timings: dict, drift: bool = 
         if not source.is_file():  # a page of text (MyST Markdown): nothing to execute
             shutil.copy2(ROOT / f"{chapter}.md", SRC / f"{chapter}.md")
             continue
-        print(f"--- executing {chapter} with {parameters}", flush=True)
+        own = chapter_parameters(source, parameters)
+        print(f"--- executing {chapter} with {own}", flush=True)
         start = time.perf_counter()
         try:
             pm.execute_notebook(
                 source,
                 target,
-                parameters=parameters,
+                parameters=own,
                 cwd=str(source.parent),
                 kernel_name="python3",
                 progress_bar=False,
@@ -108,8 +135,9 @@ def execute(chapters: list[str], parameters: dict, timings: dict, drift: bool = 
         print(f"    done in {timings[chapter]} s", flush=True)
         hide_injected_parameters(target)
         make_static(target)
-        add_banner(target, parameters.get("profile", "?"), timings[chapter])
-        if drift:
+        extra = {k: v for k, v in own.items() if k != "profile"}
+        add_banner(target, own.get("profile", "?"), timings[chapter], extra)
+        if not extra:  # outputs that must not drift: under the default parameters only
             sys.path.insert(0, str(Path(__file__).resolve().parent))
             import check_drift
 
@@ -138,15 +166,18 @@ def hardware() -> str:
     return f"a CPU ({name}, {os.cpu_count()} cores)"
 
 
-def add_banner(notebook: Path, profile: str, seconds: float) -> None:
-    """Say at the top of an executed chapter which profile made its outputs, on what
-    machine, and how long it took (a note after the chapter's first cell)."""
+def add_banner(
+    notebook: Path, profile: str, seconds: float, parameters: dict | None = None
+) -> None:
+    """Say at the top of an executed chapter which profile (and which other parameters
+    given to it) made its outputs, on what machine, and how long it took (a note after
+    the chapter's first cell)."""
     import nbformat
 
     nb = nbformat.read(notebook, 4)
-    text = (
-        f"This page was executed with the `{profile}` profile on {hardware()} in {seconds:.0f} s."
-    )
+    given = ", ".join(f"`{name} = {value!r}`" for name, value in (parameters or {}).items())
+    with_what = f"the `{profile}` profile" + (f" and {given}" if given else "")
+    text = f"This page was executed with {with_what} on {hardware()} in {seconds:.0f} s."
     if profile == "smoke":
         text += (
             " The `smoke` profile only checks that the code runs: its models train for "
@@ -257,7 +288,7 @@ def main() -> None:
     parser.add_argument("--chapters", nargs="*", help="chapter names, e.g. 01_data (default: all)")
     parser.add_argument(
         "-p", nargs=2, action="append", default=[], metavar=("NAME", "VALUE"),
-        help="extra parameter for every chapter",
+        help="a parameter for the chapters whose parameters cell names it",
     )  # fmt: skip
     parser.add_argument("--no-build", action="store_true", help="execute only")
     args = parser.parse_args()
@@ -269,9 +300,13 @@ def main() -> None:
         chapters = [ch for ch in chapters if any(ch.endswith(c) for c in args.chapters)]
     parameters = {"profile": resolve_profile(args.profile)}
     parameters.update({name: parse_value(value) for name, value in args.p})
+    notebooks = [ROOT / f"{ch}.ipynb" for ch in chapters if (ROOT / f"{ch}.ipynb").is_file()]
+    declared = set().union(*(declared_parameters(nb) for nb in notebooks))
+    unknown = sorted(set(parameters) - declared - {"profile"})
+    if unknown:
+        parser.error(f"no chapter to run has the parameters {unknown}")
     timings: dict[str, float] = {}
-    # Outputs that must not drift are checked under the default parameters only.
-    execute(chapters, parameters, timings, drift=not args.p)
+    execute(chapters, parameters, timings)
     BUILD.mkdir(exist_ok=True)
     (BUILD / "timings.json").write_text(
         json.dumps({"parameters": parameters, "seconds": timings}, indent=2) + "\n"
