@@ -15,9 +15,10 @@ Two studies, each on images no training run has seen:
   in-distribution fold and the shifts (among them the magnifications x1.5 and x2).
 
 Every run is a *job* (variant, modality, fold, seed) that writes its own results file
-under ``--work``; a job whose file exists is skipped, so an interrupted benchmark
-resumes job by job. Each trained network is scored with several prediction settings
-(:data:`PRESETS`) from the same probabilities. ``report`` gathers the jobs into
+under ``--work``; a job whose file exists is skipped, and a job's training saves its
+state every epoch, so an interrupted benchmark resumes at the epoch it reached. Each
+trained network is scored with several prediction settings (:data:`PRESETS`) from the
+same probabilities. ``report`` gathers the jobs into
 ``benchmarks/results/generalization/`` (Markdown, JSON, per-image CSV and a plot).
 
 Usage (one command on this machine: seed 0, five ``cpu``-profile trainings in bfloat16,
@@ -313,6 +314,25 @@ def open_data(args_or_job):
     return dataset, scribbles.prepare_scribbles(dataset, [args_or_job["ratio"]], progress=False)
 
 
+def train_resumably(train, val, config, state: Path, device: str):
+    """A :class:`~s2l_core.train.Trainer` trained to ``config.epochs``, its training state
+    saved to ``state`` after every epoch; a state left there by an interrupted run is
+    resumed (bit for bit as one run), and must hold this configuration."""
+    from s2l_core.train import Trainer
+
+    if state.is_file():
+        trainer = Trainer.resume(state, train, val=val, device=device, verbose=False)
+        if trainer.config.to_dict() != config.to_dict():
+            raise SystemExit(
+                f"{state} is the training state of another configuration than this job's; "
+                "move it away to train this job anew"
+            )
+    else:
+        trainer = Trainer(train, config, val=val, device=device, verbose=False)
+    trainer.fit(checkpoint=state, progress=False)
+    return trainer
+
+
 def run_job(job: dict) -> str:
     """Train one network and score it (in a worker process); writes ``<work>/jobs``."""
     import pandas as pd
@@ -324,7 +344,6 @@ def run_job(job: dict) -> str:
     from s2l_core.files import atomic_path, write_json
     from s2l_core.predict import load_model
     from s2l_core.samples import load_samples
-    from s2l_core.train import Trainer
 
     name = job_name(job)
     out = Path(job["work"]) / "jobs"
@@ -345,13 +364,13 @@ def run_job(job: dict) -> str:
     ckpt = Path(job["work"]) / "ckpt" / f"{name}.pt"
     minutes = None
     if not ckpt.is_file():  # a network trained earlier is scored, not trained again
-        start = time.perf_counter()
-        trainer = Trainer(train, config, val=val, device=job["device"], verbose=False)
-        trainer.fit(progress=False)
-        minutes = round((time.perf_counter() - start) / 60, 2)
         ckpt.parent.mkdir(parents=True, exist_ok=True)
+        state = ckpt.with_name(f"{name}.state.pt")
+        trainer = train_resumably(train, val, config, state, job["device"])
+        minutes = round(float(trainer.history_frame()["epoch_seconds"].sum()) / 60, 2)
         extra = {"benchmark": "generalization", "job": name, "train_minutes": minutes}
         trainer.export(ckpt, precision="int8", extra=extra)
+        state.unlink()  # the network is kept; its training state is no longer needed
     model, state = load_model(ckpt, job["device"])  # the weights as stored
     minutes = minutes if minutes is not None else state["extra"].get("train_minutes")
     device = next(model.parameters()).device

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib.util
 import json
 from pathlib import Path
@@ -493,3 +494,29 @@ def test_preset_sweep_keeps_cases_whose_scores_outlive_their_network(tmp_path, m
     ).to_csv(kept, index=False)
     with pytest.raises(SystemExit, match=r"a_s1_g2\.0_a1\.npz: scores incomplete"):
         preset.score_cases(without_network, tmp_path / "preset", kept)
+
+
+def test_generalization_training_resumes_where_it_stopped(synthetic_samples, tmp_path):
+    import torch
+
+    from s2l_core.augment import AugmentConfig
+    from s2l_core.train import Trainer
+
+    bench = _load("bench_generalization")
+    train, val = synthetic_samples(3), synthetic_samples(1, offset=10)
+    config = TrainConfig(
+        epochs=3, batch_size=2, samples_per_epoch=4, warmup_epochs=1, ema_every=1,
+        ema_start=0, val_every=0, model={"base_channels": 8, "depth": 2},
+        augment=AugmentConfig(crop_size=64),
+    )  # fmt: skip
+    straight = bench.train_resumably(train, val, config, tmp_path / "a.state.pt", "cpu")
+    state = tmp_path / "b.state.pt"
+    interrupted = Trainer(train, config, val=val, device="cpu", verbose=False)
+    interrupted.fit(2, checkpoint=state, progress=False)  # a run stopped after epoch 2
+    resumed = bench.train_resumably(train, val, config, state, "cpu")
+    assert resumed.epoch == 3 and len(resumed.history) == 3
+    a, b = straight.model.state_dict(), resumed.model.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    other = dataclasses.replace(config, seed=1)  # another job's state is not taken over
+    with pytest.raises(SystemExit, match="another configuration"):
+        bench.train_resumably(train, val, other, state, "cpu")
