@@ -224,10 +224,12 @@ class TrainConfig:
         return replace(PROFILES[name], **overrides)
 
 
-#: Named budgets. ``cpu`` (the defaults, ``TrainConfig()``) fits a 2-core CPU in under
-#: half an hour on the fluorescence training split (328 images): 48 epochs of 21 batches,
-#: so that the last cosine cycle (iterations 510-1022) ends with the run, and AdamW,
-#: whose step size is not held back over the first few hundred iterations as RAdam's is.
+#: Named budgets. ``cpu`` (the defaults, ``TrainConfig()``) trains on the fluorescence
+#: training split (328 images) in under half an hour on a 2-core CPU with AVX-512, in
+#: about 70 minutes on one with AVX2 only (``docs/benchmarks.md``, chapter times): 48
+#: epochs of 21 batches, so that the last cosine cycle (iterations 510-1022) ends with
+#: the run, and AdamW, whose step size is not held back over the first few hundred
+#: iterations as RAdam's is.
 #: ``full`` is the paper's schedule for a GPU: RAdam, 600 epochs of 30 crops, 100 of them
 #: warm-up. Both add smooth illumination fields to half of the crops. ``smoke`` runs in
 #: seconds: a test that the code runs, not a result.
