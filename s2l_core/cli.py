@@ -396,7 +396,9 @@ def build_parser() -> argparse.ArgumentParser:
             "Predict every image (PNG, TIFF, JPEG; grey, RGB, RGBA or one channel of a "
             "multi-channel image; 8/16-bit; any size) of "
             "INPUT_DIR into OUTPUT_DIR with the same file names: instance labels (uint16) "
-            "or a 0/1 mask. OUTPUT_DIR appears only when every image is done. Settings "
+            "or a 0/1 mask. OUTPUT_DIR appears only when every image is done; a run that "
+            "stops keeps the images it finished, and the same command goes on from there. "
+            "Settings "
             "not given come from the checkpoint's preset (or the package's defaults), "
             "which are the settings that score best on images of unseen acquisitions."
         ),
@@ -483,7 +485,10 @@ def _interrupted(args: argparse.Namespace) -> str:
             "command with --resume to continue"
         )
     if args.command == "predict":
-        return "nothing was written to the output folder; run the command again"
+        return (
+            "nothing was written to the output folder; the images already done are kept, "
+            "and the same command goes on from there"
+        )
     return "nothing half-written was kept; run the command again to continue"
 
 

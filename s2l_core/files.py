@@ -8,7 +8,8 @@ finished one is expected. :func:`atomic_dir` does the same for whole folders.
 Temporaries carry the id of the process that made them (``.<name>.<pid>-<random>.tmp``);
 :func:`remove_stale` deletes those of processes that no longer run, so a run killed
 outright leaves nothing behind for long. :func:`locked` serialises processes that share a
-folder (two ``s2l prepare`` runs on one cache).
+folder (two ``s2l prepare`` runs on one cache). Long work that fills a folder file by file
+keeps its finished files in an :func:`unfinished_dir`, which the next run takes over.
 """
 
 from __future__ import annotations
@@ -33,15 +34,18 @@ from s2l_core.runtime import process_running
 
 __all__ = [
     "IMAGE_SUFFIXES",
+    "UNFINISHED_RECORD",
     "atomic_dir",
     "atomic_path",
     "check_writable",
     "lock_of",
     "locked",
+    "place_dir",
     "read_image",
     "read_json",
     "remove_stale",
     "temporary_dir",
+    "unfinished_dir",
     "write_image",
     "write_json",
     "write_text",
@@ -337,16 +341,7 @@ def atomic_dir(path: PathLike, *, replace: bool = True) -> Iterator[Path]:
             os.chmod(tmp, 0o777 & ~_umask())
         yield tmp
         if not replace:
-            try:
-                os.rename(tmp, path)  # replaces an empty folder, never one with files
-            except OSError as err:
-                if err.errno not in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOTDIR):
-                    raise
-                raise FileExistsError(
-                    errno.EEXIST,
-                    "appeared while the results were made; nothing was replaced",
-                    str(path),
-                ) from None
+            place_dir(tmp, path)
         elif path.exists():
             old = Path(tempfile.mkdtemp(prefix=_tmp_prefix(path), suffix=".old", dir=path.parent))
             os.replace(path, old / "previous")
@@ -357,6 +352,27 @@ def atomic_dir(path: PathLike, *, replace: bool = True) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def place_dir(folder: PathLike, path: PathLike) -> None:
+    """Rename the finished folder ``folder`` to ``path``, where no folder with files may be.
+
+    Raises
+    ------
+    FileExistsError
+        If a file, or a folder with files, is at ``path`` (it appeared while the results
+        were made); nothing is replaced, and ``folder`` stays where it is.
+    """
+    try:
+        os.rename(folder, path)  # replaces an empty folder, never one with files
+    except OSError as err:
+        if err.errno not in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOTDIR):
+            raise
+        raise FileExistsError(
+            errno.EEXIST,
+            "appeared while the results were made; nothing was replaced",
+            str(path),
+        ) from None
 
 
 @contextlib.contextmanager
@@ -382,6 +398,114 @@ def temporary_dir(near: PathLike) -> Iterator[Path]:
         yield tmp
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+#: The record of an :func:`unfinished_dir`, inside it.
+UNFINISHED_RECORD = ".s2l-unfinished.json"
+
+
+def _unfinished_dirs(path: Path) -> list[tuple[float, Path, int]]:
+    """``(mtime, folder, process id)`` of the unfinished folders of ``path``, newest first."""
+    head = f".{path.name}.unfinished."
+    found = []
+    if path.parent.is_dir():
+        for entry in path.parent.iterdir():
+            pid = entry.name[len(head) :]
+            if entry.name.startswith(head) and pid.isdigit() and entry.is_dir():
+                with contextlib.suppress(FileNotFoundError):
+                    found.append((entry.stat().st_mtime, entry, int(pid)))
+    return sorted(found, key=lambda e: -e[0])
+
+
+def _unfinished_record(folder: Path) -> dict | None:
+    try:
+        record = json.loads((folder / UNFINISHED_RECORD).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) else None
+
+
+def unfinished_dir(
+    path: PathLike, settings: Any, extra: dict | None = None, *, what: str = "this folder"
+) -> tuple[Path, dict | None]:
+    """Make the folder that keeps the finished files of a folder ``path`` until all are
+    done, or take over the one that a run which stopped left behind.
+
+    The folder is ``.<name>.unfinished.<pid>`` beside ``path``, named after the process
+    that works in it, with a record of ``settings`` and ``extra`` (JSON) in it
+    (:data:`UNFINISHED_RECORD`). Such a folder of a process that no longer runs is taken
+    over, renamed for this process, when its record holds the same ``settings``; one with
+    other settings is deleted. Which of its files still hold is the caller's to judge
+    from the record returned. :func:`remove_stale` leaves these folders alone: they are
+    kept on purpose, for the next run.
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+        The folder that will be made from this one once every file is done.
+    settings : object
+        Whatever decides the files' content (JSON: mappings, lists, strings, numbers).
+    extra : dict, optional
+        More to record, e.g. what each file was made from.
+    what : str, optional
+        What is being written, for the error messages.
+
+    Returns
+    -------
+    folder : pathlib.Path
+        The folder to fill, with the new record in it.
+    record : dict or None
+        The record of the folder taken over (``"settings"`` and the ``extra`` items), or
+        None if the folder is new.
+
+    Raises
+    ------
+    FileExistsError
+        If a process that still runs is filling an unfinished folder of ``path`` (or
+        took over the one found at the same moment), or a folder of that name holds files
+        but no record (it is not one of this package's, and is left alone).
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    mine = path.parent / f".{path.name}.unfinished.{os.getpid()}"
+    settings = json.loads(json.dumps(settings))  # as it reads back from the record
+    found = _unfinished_dirs(path)
+    for mtime, folder, pid in found:
+        if pid != os.getpid() and process_running(pid) and not _started_after(pid, mtime):
+            raise FileExistsError(
+                errno.EEXIST,
+                f"another process (id {pid}) is writing {what} now, in {folder.name}; wait "
+                "until it ends, or choose another output folder",
+                str(path),
+            )
+    taken = None
+    for _, folder, _ in found:
+        record = _unfinished_record(folder)
+        if record is None and any(folder.iterdir()):
+            raise FileExistsError(
+                errno.EEXIST,
+                f"{folder} holds files but no record {UNFINISHED_RECORD}, so it is not a "
+                "folder this package left behind; move it away",
+                str(path),
+            )
+        if taken is None and record is not None and record.get("settings") == settings:
+            if folder != mine:
+                try:
+                    os.rename(folder, mine)
+                except FileNotFoundError:
+                    raise FileExistsError(
+                        errno.EEXIST,
+                        f"another process took over {folder.name} at the same moment; "
+                        "wait until it ends, or choose another output folder",
+                        str(path),
+                    ) from None
+            taken = record
+        else:
+            shutil.rmtree(folder, ignore_errors=True)
+    if taken is None:
+        mine.mkdir()  # the mode the user's umask gives a new folder
+    write_json(mine / UNFINISHED_RECORD, {**(extra or {}), "settings": settings})
+    return mine, taken
 
 
 def write_json(path: PathLike, obj: Any) -> None:

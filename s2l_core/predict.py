@@ -11,16 +11,19 @@
 - :func:`predict_folder` predicts every image of a folder (grey, RGB, RGBA, 8- or 16-bit,
   any size) into label images with the same file names, which napari and Fiji open as
   labels. The output folder appears only once every image is written, so a partial
-  output is never mistaken for a finished one. Under ``torchrun`` the processes share
+  output is never mistaken for a finished one; a run that stops keeps the images it
+  finished, and the same call goes on from there. Under ``torchrun`` the processes share
   the images (:mod:`s2l_core.distributed`).
 """
 
 from __future__ import annotations
 
-import contextlib
 import functools
+import hashlib
 import json
 import os
+import shutil
+import sys
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
@@ -48,11 +51,12 @@ from s2l_core.checks import (
 )
 from s2l_core.files import (
     IMAGE_SUFFIXES,
-    atomic_dir,
+    UNFINISHED_RECORD,
     check_writable,
+    place_dir,
     read_image,
     remove_stale,
-    temporary_dir,
+    unfinished_dir,
     write_image,
     write_json,
 )
@@ -894,6 +898,36 @@ def _output_plan(
     return plan
 
 
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _fingerprint(path: Path) -> list[int]:
+    """Size and modification time (ns) of an input: what tells that it changed."""
+    info = path.stat()
+    return [info.st_size, info.st_mtime_ns]
+
+
+def _keep_or_remove(folder: Path, plan: list[tuple[Path, str, str | None]]) -> None:
+    """After a run that stopped: keep its folder if it holds finished images (saying so,
+    on stderr), else remove it."""
+    if not folder.is_dir():  # moved into place already
+        return
+    finished = sum((folder / label).is_file() for _, label, _ in plan)
+    if finished:
+        print(
+            f"{finished} of {len(plan)} images are done and kept in {folder}; the same "
+            "command goes on from there (delete that folder to start afresh)",
+            file=sys.stderr,
+        )
+    else:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
 def _owned(output_dir: Path) -> set[str]:
     """Names of the files an earlier ``predict_folder`` run wrote into ``output_dir``
     (from its record, which counts too); empty if there is no readable record."""
@@ -1090,7 +1124,15 @@ def predict_folder(
     -----
     Nothing is left half-written: a new output folder appears only when every image is
     done; into an existing folder the results are moved only when every image is done,
-    and ``s2l_predict.json``, written last, records them (``"complete": true``).
+    and ``s2l_predict.json``, written last, records them (``"complete": true``). Until
+    then the finished images wait in ``.<output folder>.unfinished.<process id>`` beside
+    a new output folder, or ``.s2l_predict.json.unfinished.<process id>`` inside an
+    existing one (:func:`s2l_core.files.unfinished_dir`). A run that stops (an
+    error, Ctrl-C, a killed process) leaves them there, and the next call with the same
+    checkpoint, settings and output folder goes on from there: an image is predicted
+    again only if its input file changed (size or modification time). A call with other
+    settings starts afresh and deletes them; while one run writes the results of an
+    output folder, another one into that folder is refused.
 
     With several processes (``torchrun``, :mod:`s2l_core.distributed`), process r
     predicts images r, r + N, ... (in sorted order) on its own device, into the one
@@ -1135,8 +1177,51 @@ def predict_folder(
         "complete": True,
     }
 
-    mine = len(distributed.share(len(plan)))
-    desc = "predict" if mine == len(plan) else f"predict ({mine} of {len(plan)} here)"
+    # What decides the results' content: a stopped run's images are kept for a run of
+    # the same settings, and only for inputs that did not change since.
+    settings = {
+        "checkpoint_sha256": distributed.on_main(
+            lambda: _sha256(Path(checkpoint)), "reading the checkpoint"
+        ),
+        **{k: record[k] for k in ("mode", "channel", "preset")},
+        "suffix": output.suffix,
+        "probability": output.probability,
+    }
+    inputs = {path.name: _fingerprint(path) for path in files}
+
+    def make_folder() -> tuple[Path, bool, set[int]]:
+        new = not output_dir.exists()
+        # Beside a new output folder; inside an existing one (which may be the only
+        # folder there that can be written).
+        stands_for = output_dir if new else output_dir / MANIFEST
+        remove_stale(stands_for)  # temporaries of earlier versions
+        folder, before = unfinished_dir(
+            stands_for, settings, {"inputs": inputs}, what=f"the results into {output_dir}"
+        )
+        done = set()
+        if before is not None:
+            kept = before.get("inputs") or {}
+            done = {
+                i for i, (path, label, prob) in enumerate(plan)
+                if kept.get(path.name) == inputs[path.name] and (folder / label).is_file()
+                and (prob is None or (folder / prob).is_file())
+            }  # fmt: skip
+            keep = {n for i in done for n in plan[i][1:] if n} | {UNFINISHED_RECORD}
+            for entry in folder.iterdir():  # outdated results, temporaries of a killed run
+                if entry.name not in keep:
+                    shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
+            if done:
+                print(
+                    f"going on from a run that stopped: {len(done)} of {len(plan)} images "
+                    f"were done (kept in {folder})",
+                    file=sys.stderr,
+                )
+        return folder, new, done
+
+    tmp, new, done = distributed.on_main(make_folder, "making the folder of the results")
+    todo = [i for i in distributed.share(len(plan)) if i not in done]
+    share = len(distributed.share(len(plan)))
+    desc = "predict" if share == len(plan) else f"predict ({share} of {len(plan)} here)"
 
     def predict_into(folder: Path, indices: list[int]) -> None:
         if not folder.is_dir():  # another machine's folder: never make one here
@@ -1145,7 +1230,7 @@ def predict_folder(
                 "visible to this process: the output folder must lie on a file system "
                 "that every process sees"
             )
-        for path, label, prob_name in (plan[i] for i in indices):
+        for path, label, prob_name in (plan[i] for i in indices if i not in done):
             image = read_image(path)
             try:
                 prob, labels = predict_image(
@@ -1154,24 +1239,34 @@ def predict_folder(
                 )  # fmt: skip
             except ValueError as err:  # an image of an unsupported kind: say which
                 raise ValueError(f"{path}: {err}") from err
-            save_labels(folder / label, labels)
             if prob_name:
                 write_image(folder / prob_name, prob.astype(np.float32))
+            save_labels(folder / label, labels)  # last: the image counts as done
             bar.update(1)
 
-    # The main process holds the temporary folder: it is removed if anything fails.
-    with contextlib.ExitStack() as held:
+    def finish() -> None:
+        missing = [name for name in names if not (tmp / name).is_file()]
+        if missing:
+            raise FileNotFoundError(
+                f"{len(missing)} result(s) missing from {tmp}, e.g. {missing[0]}: the "
+                "processes that wrote them saw another folder; the output folder must "
+                "lie on a file system that every process sees"
+            )
+        if new:
+            write_json(tmp / MANIFEST, record)
+            place_dir(tmp, output_dir)
+            (output_dir / UNFINISHED_RECORD).unlink()
+        else:
+            # Recorded before the moves, so that an interrupted move leaves a record
+            # that owns every file and does not look finished.
+            record_outputs(output_dir, dict(record, complete=False), owned)
+            for name in names:
+                os.replace(tmp / name, output_dir / name)
+            record_outputs(output_dir, record, owned)
+            shutil.rmtree(tmp)
 
-        def make_folder() -> tuple[Path, bool]:
-            new = not output_dir.exists()
-            if new:
-                remove_stale(output_dir)
-                return held.enter_context(atomic_dir(output_dir, replace=False)), new
-            remove_stale(output_dir / MANIFEST)
-            return held.enter_context(temporary_dir(output_dir / MANIFEST)), new
-
-        tmp, new = distributed.on_main(make_folder, "making the temporary output folder")
-        bar = tqdm(total=mine, desc=desc, disable=not (progress and distributed.is_main()))
+    bar = tqdm(total=len(todo), desc=desc, disable=not (progress and distributed.is_main()))
+    try:
         # Every few images the processes agree that all went well, so that none waits
         # long for the others and a failure stops them all soon.
         for indices in distributed.rounds(len(plan), _PREDICT_ROUND):
@@ -1180,25 +1275,10 @@ def predict_folder(
                 "predicting its share of the images",
             )
         bar.close()
-
-        def finish() -> None:
-            missing = [name for name in names if not (tmp / name).is_file()]
-            if missing:
-                raise FileNotFoundError(
-                    f"{len(missing)} result(s) missing from {tmp}, e.g. {missing[0]}: the "
-                    "processes that wrote them saw another folder; the output folder must "
-                    "lie on a file system that every process sees"
-                )
-            if new:
-                write_json(tmp / MANIFEST, record)
-            else:
-                # Recorded before the moves, so that an interrupted move leaves a record
-                # that owns every file and does not look finished.
-                record_outputs(output_dir, dict(record, complete=False), owned)
-                for name in names:
-                    os.replace(tmp / name, output_dir / name)
-                record_outputs(output_dir, record, owned)
-            held.close()  # a new folder takes its place now; a temporary one goes
-
         distributed.on_main(finish, f"moving the results into {output_dir}")
+    except BaseException:
+        bar.close()
+        if distributed.is_main():
+            _keep_or_remove(tmp, plan)
+        raise
     return [output_dir / label for _, label, _ in plan]

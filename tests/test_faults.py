@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import errno
 import os
+import shutil
 import signal
 import struct
 import subprocess
@@ -76,12 +77,13 @@ def _wait_for(condition, process: subprocess.Popen, log: Path, timeout: float = 
         time.sleep(0.05)
 
 
-def _held_at(pause: str, args: list[str], folder: Path, count: int = 1):
-    """Start ``s2l ARGS`` with the function ``pause`` held at a barrier in ``folder``;
-    return once ``count`` processes wait there: ``(process, log, their ids, barrier)``."""
+def _held_at(pause: str, args: list[str], folder: Path, count: int = 1, after: int = 0):
+    """Start ``s2l ARGS`` with the function ``pause`` held at a barrier in ``folder``
+    (from its call ``after + 1`` on); return once ``count`` processes wait there:
+    ``(process, log, their ids, barrier)``."""
     barrier, log = folder / "barrier", folder / "held.log"
     barrier.mkdir()
-    env = _env(S2L_PAUSE=pause, S2L_BARRIER=str(barrier))
+    env = _env(S2L_PAUSE=pause, S2L_BARRIER=str(barrier), S2L_PAUSE_AFTER=str(after))
     run = _start([sys.executable, "-c", HOOKED, *args], log, env=env)
     _wait_for(lambda: len(list(barrier.glob("started-*"))) >= count, run, log)
     return run, log, [int(p.name.split("-")[1]) for p in barrier.glob("started-*")], barrier
@@ -306,15 +308,128 @@ def test_temporaries_without_a_process_id_are_removed_under_the_lock(make_archiv
     _complete(cache, 2)
 
 
+def _unfinished(folder: Path, name: str = "out") -> list[Path]:
+    return sorted(folder.glob(f".{name}.unfinished.*"))
+
+
 def test_killed_predict_leaves_nothing_that_looks_finished(checkpoint, tmp_path):
     images, out = _images(tmp_path / "in"), tmp_path / "out"
     args = ["predict", str(checkpoint), str(images), str(out), "--quiet", "--device", "cpu"]
     run, *_ = _held_at(READ, args, tmp_path)
     run.send_signal(signal.SIGKILL)
     run.wait(30)
-    assert not out.exists() and [p.name for p in tmp_path.glob(".out.*.tmp")]
+    # Killed at the first image: no output folder; the folder of finished images,
+    # named after the killed process, holds only its record.
+    (kept,) = _unfinished(tmp_path)
+    assert not out.exists() and kept.name == f".out.unfinished.{run.pid}"
+    assert [p.name for p in kept.iterdir()] == [".s2l-unfinished.json"]
     assert main([*args[:3], str(out), "--quiet", "--device", "cpu"]) == 0
     assert _temporaries(tmp_path) == [] and (out / "s2l_predict.json").is_file()
+    assert _unfinished(tmp_path) == [] and sorted(p.name for p in out.iterdir()) == [
+        "a.png", "b.png", "s2l_predict.json"
+    ]  # fmt: skip
+
+
+def _count_predictions(monkeypatch) -> list[str]:
+    """The names of the images that ``predict_folder`` reads from now on, in order."""
+    import s2l_core.predict as predict
+
+    calls, real = [], predict.read_image
+    monkeypatch.setattr(
+        predict, "read_image", lambda path: calls.append(Path(path).name) or real(path)
+    )
+    return calls
+
+
+def test_a_killed_predict_goes_on_where_it_stopped(checkpoint, tmp_path, monkeypatch, capsys):
+    images, out = _images(tmp_path / "in", ("a.png", "b.png", "c.png")), tmp_path / "out"
+    args = ["predict", str(checkpoint), str(images), str(out), "--quiet", "--device", "cpu"]
+    reference = tmp_path / "reference"
+    assert main([*args[:3], str(reference), "--quiet", "--device", "cpu"]) == 0
+    run, *_ = _held_at(READ, args, tmp_path, after=1)  # a.png done, held at b.png
+    run.send_signal(signal.SIGKILL)
+    run.wait(30)
+    (kept,) = _unfinished(tmp_path)
+    assert not out.exists() and sorted(p.name for p in kept.iterdir()) == [
+        ".s2l-unfinished.json", "a.png"
+    ]  # fmt: skip
+    calls = _count_predictions(monkeypatch)
+    assert main(args) == 0
+    assert calls == ["b.png", "c.png"]  # a.png is not predicted again
+    assert "going on from a run that stopped: 1 of 3 images were done" in capsys.readouterr().err
+    assert _digests(out) == _digests(reference) | {
+        "s2l_predict.json": _digests(out)["s2l_predict.json"]
+    }
+    assert _unfinished(tmp_path) == [] and _temporaries(tmp_path) == []
+
+
+def test_a_stopped_overwrite_keeps_the_earlier_results_until_it_is_done(
+    checkpoint, tmp_path, monkeypatch
+):
+    """Into an existing folder (--overwrite) the finished images wait inside it, hidden,
+    and the earlier run's files stay as they were until every image is done."""
+    images, out = _images(tmp_path / "in", ("a.png", "b.png", "c.png")), tmp_path / "out"
+    args = ["predict", str(checkpoint), str(images), str(out), "--quiet", "--device", "cpu"]
+    assert main([*args, "--threshold", "0.7"]) == 0
+    before = _digests(out)
+    run, *_ = _held_at(READ, [*args, "--overwrite"], tmp_path, after=1)
+    run.send_signal(signal.SIGKILL)
+    run.wait(30)
+    (kept,) = _unfinished(out, "s2l_predict.json")
+    assert (kept / "a.png").is_file() and _digests(out) == {
+        **before,
+        **{str(p.relative_to(out)): p.read_bytes() for p in kept.iterdir()},
+    }  # the earlier results, and the hidden folder of this run's
+    calls = _count_predictions(monkeypatch)
+    assert main([*args, "--overwrite"]) == 0
+    assert calls == ["b.png", "c.png"] and _unfinished(out, "s2l_predict.json") == []
+    assert read_json(out / "s2l_predict.json")["preset"]["threshold"] != 0.7
+    assert sorted(p.name for p in out.iterdir()) == sorted(before)
+
+
+def test_what_a_stopped_predict_kept_is_used_only_where_it_holds(checkpoint, tmp_path, monkeypatch):
+    """An input changed since is predicted again; other settings start afresh and delete
+    what was kept; a folder of that name that is not the package's is left alone."""
+    images, out = _images(tmp_path / "in", ("a.png", "b.png", "c.png")), tmp_path / "out"
+    args = ["predict", str(checkpoint), str(images), str(out), "--quiet", "--device", "cpu"]
+    run, *_ = _held_at(READ, args, tmp_path, after=2)  # a.png and b.png done
+    run.send_signal(signal.SIGKILL)
+    run.wait(30)
+    (kept,) = _unfinished(tmp_path)
+    assert {"a.png", "b.png"} <= {p.name for p in kept.iterdir()}
+    write_image(images / "b.png", np.zeros((48, 56), np.uint8))  # changed since
+    calls = _count_predictions(monkeypatch)
+    assert main(args) == 0
+    assert calls == ["b.png", "c.png"]  # a.png is kept; b.png changed since
+    # Other settings: nothing kept is used (and the kept folder goes).
+    shutil.rmtree(out)
+    shutil.rmtree(tmp_path / "barrier")
+    run, *_ = _held_at(READ, args, tmp_path, after=2)
+    run.send_signal(signal.SIGKILL)
+    run.wait(30)
+    calls.clear()
+    assert main([*args, "--threshold", "0.7"]) == 0
+    assert calls == ["a.png", "b.png", "c.png"] and _unfinished(tmp_path) == []
+    # A folder of that name with files but no record is not this package's: refused,
+    # and left as it is.
+    foreign = tmp_path / ".new.unfinished.999999"
+    foreign.mkdir()
+    (foreign / "mine.txt").write_text("not a result")
+    assert main([*args[:3], str(tmp_path / "new"), "--quiet", "--device", "cpu"]) == 1
+    assert (foreign / "mine.txt").read_text() == "not a result"
+    assert not (tmp_path / "new").exists()
+
+
+def test_a_second_predict_into_the_same_folder_is_refused(checkpoint, tmp_path, capsys):
+    images, out = _images(tmp_path / "in"), tmp_path / "out"
+    args = ["predict", str(checkpoint), str(images), str(out), "--quiet", "--device", "cpu"]
+    run, log, _, barrier = _held_at(READ, args, tmp_path)
+    assert main(args) == 1
+    line = _one_error_line(capsys.readouterr().err, str(out), f"another process (id {run.pid})")
+    assert "choose another output folder" in line
+    (barrier / "go").touch()
+    assert run.wait(60) == 0, log.read_text()
+    assert sorted(p.name for p in out.iterdir()) == ["a.png", "b.png", "s2l_predict.json"]
 
 
 def test_a_folder_made_meanwhile_is_never_replaced(checkpoint, tmp_path):
@@ -352,7 +467,22 @@ def test_ctrl_c_during_predict(checkpoint, tmp_path):
     os.killpg(run.pid, signal.SIGINT)
     assert run.wait(60) == 1
     _one_error_line(log.read_text(), "s2l predict: interrupted", "nothing was written")
-    assert not out.exists() and _temporaries(tmp_path) == []
+    # No image was done: nothing is kept.
+    assert not out.exists() and _temporaries(tmp_path) == [] and _unfinished(tmp_path) == []
+
+
+def test_ctrl_c_during_predict_keeps_the_images_done(checkpoint, tmp_path):
+    images, out = _images(tmp_path / "in"), tmp_path / "out"
+    args = ["predict", str(checkpoint), str(images), str(out), "--quiet", "--device", "cpu"]
+    run, log, _, _ = _held_at(READ, args, tmp_path, after=1)
+    os.killpg(run.pid, signal.SIGINT)
+    assert run.wait(60) == 1
+    err = log.read_text()
+    _one_error_line(err, "s2l predict: interrupted", "the same command goes on from there")
+    (kept,) = _unfinished(tmp_path)
+    assert f"1 of 2 images are done and kept in {kept}" in err
+    assert not out.exists() and (kept / "a.png").is_file() and _temporaries(tmp_path) == []
+    assert main(args) == 0 and _unfinished(tmp_path) == []
 
 
 def _own_training_set(folder: Path, n: int = 2, blank: bool = False, only_fg: bool = False):

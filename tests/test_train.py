@@ -561,12 +561,16 @@ def test_predict_folder_errors_leave_no_partial_output(tiny_checkpoint, tmp_path
     (src / "b.png").write_bytes(b"broken")
     with pytest.raises(ValueError, match=r"b\.png"):
         predict_folder(tiny_checkpoint, src, tmp_path / "out", progress=False, device="cpu")
+    # No output folder; a.png's result is kept beside it for the next call.
     assert not (tmp_path / "out").exists()
-    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".out")] == []
+    (kept,) = [p for p in tmp_path.iterdir() if p.name.startswith(".out")]
+    assert kept.name.startswith(".out.unfinished.") and (kept / "a.png").is_file()
     with pytest.raises(FileNotFoundError, match="checkpoint not found"):
         predict_folder(tmp_path / "missing.pt", src, tmp_path / "out2", progress=False)
     # A readable image of a kind the network does not take (two channels, first): named.
     (src / "b.png").unlink()
+    predict_folder(tiny_checkpoint, src, tmp_path / "out", progress=False, device="cpu")
+    assert (tmp_path / "out" / "a.png").is_file() and not kept.exists()
     tifffile.imwrite(src / "c.tif", np.zeros((2, 40, 40), np.uint16))
     with pytest.raises(ValueError, match=r"c\.tif: expected an image of shape .* --channel"):
         predict_folder(tiny_checkpoint, src, tmp_path / "out3", progress=False, device="cpu")
