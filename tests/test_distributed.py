@@ -333,11 +333,12 @@ def test_one_failing_process_stops_training(tiny_profile, tmp_path):
     assert [p.name for p in out.parent.iterdir()] == []
 
 
-def test_an_unreadable_image_of_one_process_stops_predict(two_process_training, tmp_path):
+def test_an_unreadable_image_of_one_process_stops_predict(two_process_training, tmp_path, capsys):
     """(e) The broken image falls to process 1: both processes fail, the error names the
-    file, and no output folder is made. Once the image is mended, a run alone writes
-    the folder and leaves no temporary behind (not even one of a process that torchrun
-    stopped before it could clean up)."""
+    file, and no output folder is made; the images process 0 finished are kept. Once the
+    image is mended, a run alone predicts only it, writes the folder and leaves no
+    temporary behind (not even one of a process that torchrun stopped before it could
+    clean up)."""
     images = tmp_path / "images"
     for k in range(3):
         write_image(images / f"cells_{k}.png", synthetic_nuclei(k, (48, 48))[0])
@@ -350,7 +351,12 @@ def test_an_unreadable_image_of_one_process_stops_predict(two_process_training, 
     assert "cells_1.png" in run.stderr
     assert "process 1 of 2 failed while predicting its share of the images" in run.stderr
     assert not out.exists() and "wrote" not in run.stdout
+    (kept,) = tmp_path.glob(".labels.unfinished.*")
+    assert "2 of 3 images are done and kept in" in run.stderr
+    assert sorted(p.name for p in kept.glob("*.png")) == ["cells_0.png", "cells_2.png"]
     write_image(images / "cells_1.png", synthetic_nuclei(1, (48, 48))[0])
+    capsys.readouterr()
     assert main(["predict", checkpoint, str(images), str(out), "--quiet", "--device", "cpu"]) == 0
+    assert "2 of 3 images were done" in capsys.readouterr().err
     assert sorted(p.name for p in out.iterdir())[:3] == [f"cells_{k}.png" for k in range(3)]
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
