@@ -40,6 +40,7 @@ from s2l_core.files import (
     read_image,
     read_json,
     remove_stale,
+    sha256_of,
     write_image,
     write_json,
 )
@@ -147,14 +148,6 @@ class ArchiveInfo:
     size: int
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(_CHUNK), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def verify_archive(
     path: str | os.PathLike,
     *,
@@ -231,7 +224,7 @@ def verify_archive(
             f"{label} holds {len(images)} image folders, expected {expected_images} "
             "(incomplete or wrong archive?)"
         )
-    digest = sha256 or _sha256(path)
+    digest = sha256 or sha256_of(path)
     if expected_sha256 is not None and digest != expected_sha256.lower():
         raise DataError(f"{label} has sha256 {digest}, expected {expected_sha256}")
     return ArchiveInfo(path, len(images), n_masks, digest, path.stat().st_size)
@@ -314,7 +307,7 @@ def _fetch_locked(
     if not force and dest.is_file() and record.is_file():
         info = read_json(record)
         if expected_sha256 is None or info.get("sha256") == expected_sha256.lower():
-            if info.get("size") != dest.stat().st_size or _sha256(dest) != info.get("sha256"):
+            if info.get("size") != dest.stat().st_size or sha256_of(dest) != info.get("sha256"):
                 raise DataError(
                     f"the cached archive {dest} has changed since it was fetched and "
                     f"verified (its sha256 is not the one recorded in {record.name}); run "

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import json
 import os
 import shutil
@@ -44,7 +45,7 @@ __all__ = [
     "read_image",
     "read_json",
     "remove_stale",
-    "temporary_dir",
+    "sha256_of",
     "unfinished_dir",
     "write_image",
     "write_json",
@@ -375,29 +376,13 @@ def place_dir(folder: PathLike, path: PathLike) -> None:
         ) from None
 
 
-@contextlib.contextmanager
-def temporary_dir(near: PathLike) -> Iterator[Path]:
-    """Yield a new hidden folder beside ``near``, named like the temporaries of
-    :func:`atomic_path` (so :func:`remove_stale` of ``near`` finds it when its process
-    is killed), and delete it with whatever is left in it when the block ends.
-
-    Parameters
-    ----------
-    near : str or os.PathLike
-        The file or folder the temporary folder stands in for.
-
-    Yields
-    ------
-    pathlib.Path
-        An empty folder, mode 0700 (private while in use).
-    """
-    near = Path(near)
-    near.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=_tmp_prefix(near), suffix=".tmp", dir=near.parent))
-    try:
-        yield tmp
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+def sha256_of(path: PathLike) -> str:
+    """The SHA-256 of a file's content, as hexadecimal, read in blocks of 1 MiB."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 #: The record of an :func:`unfinished_dir`, inside it.

@@ -19,7 +19,6 @@
 from __future__ import annotations
 
 import functools
-import hashlib
 import json
 import os
 import shutil
@@ -56,6 +55,7 @@ from s2l_core.files import (
     place_dir,
     read_image,
     remove_stale,
+    sha256_of,
     unfinished_dir,
     write_image,
     write_json,
@@ -898,14 +898,6 @@ def _output_plan(
     return plan
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _fingerprint(path: Path) -> list[int]:
     """Size and modification time (ns) of an input: what tells that it changed."""
     info = path.stat()
@@ -1181,7 +1173,7 @@ def predict_folder(
     # the same settings, and only for inputs that did not change since.
     settings = {
         "checkpoint_sha256": distributed.on_main(
-            lambda: _sha256(Path(checkpoint)), "reading the checkpoint"
+            lambda: sha256_of(checkpoint), "reading the checkpoint"
         ),
         **{k: record[k] for k in ("mode", "channel", "preset")},
         "suffix": output.suffix,
@@ -1219,9 +1211,9 @@ def predict_folder(
         return folder, new, done
 
     tmp, new, done = distributed.on_main(make_folder, "making the folder of the results")
-    todo = [i for i in distributed.share(len(plan)) if i not in done]
-    share = len(distributed.share(len(plan)))
-    desc = "predict" if share == len(plan) else f"predict ({share} of {len(plan)} here)"
+    share = distributed.share(len(plan))
+    todo = [i for i in share if i not in done]
+    desc = "predict" if len(share) == len(plan) else f"predict ({len(share)} of {len(plan)} here)"
 
     def predict_into(folder: Path, indices: list[int]) -> None:
         if not folder.is_dir():  # another machine's folder: never make one here
