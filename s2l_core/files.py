@@ -410,8 +410,25 @@ def _unfinished_record(folder: Path) -> dict | None:
     return record if isinstance(record, dict) else None
 
 
+def _move_dir(source: Path, target: Path) -> None:
+    """Rename the folder ``source`` to ``target``; copy, then delete it, across file
+    systems (a copy cut short leaves ``source`` whole)."""
+    try:
+        os.rename(source, target)
+    except OSError as err:
+        if err.errno != errno.EXDEV:
+            raise
+        shutil.copytree(source, target)
+        shutil.rmtree(source)
+
+
 def unfinished_dir(
-    path: PathLike, settings: Any, extra: dict | None = None, *, what: str = "this folder"
+    path: PathLike,
+    settings: Any,
+    extra: dict | None = None,
+    *,
+    what: str = "this folder",
+    formerly: PathLike | None = None,
 ) -> tuple[Path, dict | None]:
     """Make the folder that keeps the finished files of a folder ``path`` until all are
     done, or take over the one that a run which stopped left behind.
@@ -434,6 +451,10 @@ def unfinished_dir(
         More to record, e.g. what each file was made from.
     what : str, optional
         What is being written, for the error messages.
+    formerly : str or os.PathLike, optional
+        Another path whose unfinished folders hold the same files, looked at (and taken
+        over or deleted) as those of ``path`` are: where a run that stopped kept its
+        files when the folder to fill lay elsewhere.
 
     Returns
     -------
@@ -455,6 +476,8 @@ def unfinished_dir(
     mine = path.parent / f".{path.name}.unfinished.{os.getpid()}"
     settings = json.loads(json.dumps(settings))  # as it reads back from the record
     found = _unfinished_dirs(path)
+    if formerly is not None:
+        found = sorted(found + _unfinished_dirs(Path(formerly)), key=lambda e: -e[0])
     for mtime, folder, pid in found:
         if pid != os.getpid() and process_running(pid) and not _started_after(pid, mtime):
             raise FileExistsError(
@@ -476,7 +499,7 @@ def unfinished_dir(
         if taken is None and record is not None and record.get("settings") == settings:
             if folder != mine:
                 try:
-                    os.rename(folder, mine)
+                    _move_dir(folder, mine)
                 except FileNotFoundError:
                     raise FileExistsError(
                         errno.EEXIST,

@@ -1122,7 +1122,8 @@ def predict_folder(
     existing one (:func:`s2l_core.files.unfinished_dir`). A run that stops (an
     error, Ctrl-C, a killed process) leaves them there, and the next call with the same
     checkpoint, settings and output folder goes on from there: an image is predicted
-    again only if its input file changed (size or modification time). A call with other
+    again only if its input file changed (size or modification time), also when the
+    output folder was made (empty) after the run stopped. A call with other
     settings starts afresh and deletes them; while one run writes the results of an
     output folder, another one into that folder is refused.
 
@@ -1188,8 +1189,9 @@ def predict_folder(
         stands_for = output_dir if new else output_dir / MANIFEST
         remove_stale(stands_for)  # temporaries of earlier versions
         folder, before = unfinished_dir(
-            stands_for, settings, {"inputs": inputs}, what=f"the results into {output_dir}"
-        )
+            stands_for, settings, {"inputs": inputs}, what=f"the results into {output_dir}",
+            formerly=None if new else output_dir,  # kept before the folder was made
+        )  # fmt: skip
         done = set()
         if before is not None:
             kept = before.get("inputs") or {}

@@ -363,6 +363,28 @@ def test_a_killed_predict_goes_on_where_it_stopped(checkpoint, tmp_path, monkeyp
     assert _unfinished(tmp_path) == [] and _temporaries(tmp_path) == []
 
 
+def test_a_stopped_predict_goes_on_after_its_output_folder_was_made_by_hand(
+    checkpoint, tmp_path, monkeypatch
+):
+    """The finished images of a run into a new folder wait beside it; if the folder is
+    made (empty) before the next run, that run still finds them and takes them over."""
+    images, out = _images(tmp_path / "in", ("a.png", "b.png", "c.png")), tmp_path / "out"
+    args = ["predict", str(checkpoint), str(images), str(out), "--quiet", "--device", "cpu"]
+    run, *_ = _held_at(READ, args, tmp_path, after=1)  # a.png done, held at b.png
+    run.send_signal(signal.SIGKILL)
+    run.wait(30)
+    (kept,) = _unfinished(tmp_path)
+    a = (kept / "a.png").read_bytes()
+    out.mkdir()
+    calls = _count_predictions(monkeypatch)
+    assert main(args) == 0
+    assert calls == ["b.png", "c.png"] and (out / "a.png").read_bytes() == a
+    assert _unfinished(tmp_path) == [] and _unfinished(out, "s2l_predict.json") == []
+    assert sorted(p.name for p in out.iterdir()) == [
+        "a.png", "b.png", "c.png", "s2l_predict.json"
+    ]  # fmt: skip
+
+
 def test_a_stopped_overwrite_keeps_the_earlier_results_until_it_is_done(
     checkpoint, tmp_path, monkeypatch
 ):
