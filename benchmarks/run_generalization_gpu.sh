@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
 # The generalization benchmark's training jobs on a CUDA machine, in one command, with a
 # prepared dataset carried along (DATASET). Jobs that finish before BUDGET_S seconds are
-# kept; a later run resumes the others. Usage, from the repository root:
+# kept; a later run resumes the others. ONLY names the variants to run (default: every
+# variant of VARIANTS), PRESETS the prediction settings scored. Usage, from the
+# repository root:
 #   OUT=runs/gpu DATASET=~/.cache/scribble2label/bbbc038 bash benchmarks/run_generalization_gpu.sh
+#   ONLY="s2l pce" OUT=runs/gpu DATASET=... bash benchmarks/run_generalization_gpu.sh
 set -u
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
 PYTHON=${PYTHON:-python3}
@@ -14,7 +17,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 timeout "${BUDGET_S:-450}" "$PYTHON" benchmarks/bench_generalization.py run \
   "${VARIANTS:-benchmarks/results/generalization/generalization.config.json}" --device ${DEVICE:-cuda} \
   --parallel "${PARALLEL:-14}" --threads "${THREADS:-1}" --dataset "$DATASET" --work "$WORK" \
-  --presets plain up auto default --no-shifts
+  --presets ${PRESETS:-plain default auto_tta_t0.5} ${ONLY:+--only $ONLY} --no-shifts
 echo "run exit $?"
 tar czf "$OUT/jobs.tgz" -C "$WORK" jobs
 # The weights come back in files of at most 16 MiB: in-distribution networks per seed,
