@@ -5,7 +5,9 @@
 # variant of VARIANTS), PRESETS the prediction settings scored. Usage, from the
 # repository root:
 #   OUT=runs/gpu DATASET=~/.cache/scribble2label/bbbc038 bash benchmarks/run_generalization_gpu.sh
-#   ONLY="s2l pce" OUT=runs/gpu DATASET=... bash benchmarks/run_generalization_gpu.sh
+# On a machine the working tree travels to, carry the fluorescence part of the dataset
+# (about 50 MiB; made here by `python benchmarks/carry_dataset.py runs/carry/bbbc038`):
+#   ONLY="s2l pce" OUT=runs/gpu DATASET=runs/carry/bbbc038 bash benchmarks/run_generalization_gpu.sh
 set -u
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
 PYTHON=${PYTHON:-python3}

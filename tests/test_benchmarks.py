@@ -520,3 +520,35 @@ def test_generalization_training_resumes_where_it_stopped(synthetic_samples, tmp
     other = dataclasses.replace(config, seed=1)  # another job's state is not taken over
     with pytest.raises(SystemExit, match="another configuration"):
         bench.train_resumably(train, val, other, state, "cpu")
+
+
+def test_a_carried_dataset_gives_the_same_folds_and_samples(prepared, scribble_set, tmp_path):
+    """The copy for another machine holds one modality and one ratio of the real mirror,
+    opens as a prepared dataset and gives the same folds and samples; it never replaces
+    a folder that holds files."""
+    from s2l_core.data import PreparedDataset
+    from s2l_core.samples import load_samples
+    from s2l_core.scribbles import ScribbleSet
+
+    carried = _load("carry_dataset")
+    generalization = _load("bench_generalization")
+    out = carried.carry(prepared, scribble_set, tmp_path / "carry", "fluorescence", 0.3)
+    copy = PreparedDataset(out)
+    copy_scribbles = ScribbleSet(copy, 0)
+    assert copy.ids() == prepared.ids("fluorescence") and copy.missing_files() == []
+    assert copy_scribbles.ratios == (0.3,) and copy_scribbles.missing_files() == []
+    folds = generalization.folds(copy, "fluorescence")
+    assert folds == generalization.folds(prepared, "fluorescence") and len(folds) == 5
+    ids = folds["other"][2][:4]
+    for a, b in zip(
+        load_samples(prepared, ids, scribble_set, 0.3),
+        load_samples(copy, ids, copy_scribbles, 0.3),
+        strict=True,
+    ):
+        assert np.array_equal(a.image, b.image) and np.array_equal(a.scribble, b.scribble)
+        assert np.array_equal(a.labels, b.labels)
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("kept")
+    with pytest.raises(FileExistsError, match="not an empty folder"):
+        carried.carry(prepared, scribble_set, tmp_path / "mine")
+    assert [p.name for p in (tmp_path / "mine").iterdir()] == ["notes.txt"]
