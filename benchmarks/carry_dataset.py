@@ -45,8 +45,13 @@ def carry(
         dataset.manifest[dataset.manifest["image_id"].isin(wanted)].to_csv(
             tmp / "manifest.csv", index=False
         )
-        info = dict(dataset.info, n_images=len(ids), modality_counts={modality: len(ids)})
-        write_json(tmp / "dataset.json", dict(info, carried={"modality": modality, "ratio": ratio}))
+        info = dict(
+            dataset.info,
+            n_images=len(ids),
+            modality_counts={modality: len(ids)},
+            carried={"modality": modality, "ratio": ratio},
+        )
+        write_json(tmp / "dataset.json", info)
         rel = scribble_set.root.relative_to(dataset.root)
         ratio_dir = scribble_set.path(ids[0], ratio).parent.name
         (tmp / rel / ratio_dir).mkdir(parents=True)

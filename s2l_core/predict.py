@@ -1185,12 +1185,13 @@ def predict_folder(
     def make_folder() -> tuple[Path, bool, set[int]]:
         new = not output_dir.exists()
         # Beside a new output folder; inside an existing one (which may be the only
-        # folder there that can be written).
-        stands_for = output_dir if new else output_dir / MANIFEST
+        # folder there that can be written), taking over what a run kept beside it
+        # before the folder was made.
+        stands_for, formerly = (output_dir, None) if new else (output_dir / MANIFEST, output_dir)
         remove_stale(stands_for)  # temporaries of earlier versions
         folder, before = unfinished_dir(
             stands_for, settings, {"inputs": inputs}, what=f"the results into {output_dir}",
-            formerly=None if new else output_dir,  # kept before the folder was made
+            formerly=formerly,
         )  # fmt: skip
         done = set()
         if before is not None:
