@@ -1,17 +1,16 @@
 """Benchmark: which foreground threshold and split depth should the preset hold?
 
 Each network of the generalization benchmark (``bench_generalization.py``,
-``<work>/ckpt``, both seeds) predicts 24 images (drawn with seed 0) of the acquisition
-group it never saw: as they are, shrunk to a half and a third (nuclei far smaller than
-in training; labels resampled with the image, ``bench_generalization.resize_labels``)
-(:data:`DEFAULT_SHIFTS`; ``--shifts`` adds a gamma of 2 and of 0.5). Each in-distribution
-network
-predicts 24 test images the same way, and each histopathology network its validation
-split (no groups: the split it is chosen on). The probability is the preset's
-(``scale="auto"``, test-time augmentation) and is kept in ``<work>/preset/``; the
-labels are then found at every threshold and split depth of :data:`THRESHOLDS` x
-:data:`SPLIT_DEPTHS` (the preset's other settings as they are) and scored, without
-predicting again.
+``<work>/ckpt``, both seeds) predicts 24 images (drawn with seed 0; ``--per-fold`` sets
+another number, or every image) of the acquisition group it never saw: as they are,
+shrunk to a half and a third (nuclei far smaller than in training; labels resampled with
+the image, ``bench_generalization.resize_labels``) (:data:`DEFAULT_SHIFTS`; ``--shifts``
+adds a gamma of 2 and of 0.5). Each in-distribution network predicts as many test
+images the same way, and each histopathology network its validation split (no groups:
+the split it is chosen on). The probability is the preset's (``scale="auto"``,
+test-time augmentation) and is kept in ``<work>/preset/``; the labels are then found at
+every threshold and split depth of :data:`THRESHOLDS` x :data:`SPLIT_DEPTHS` (the
+preset's other settings as they are) and scored, without predicting again.
 
 Usage (after ``bench_generalization.py run``, whose weights it reads)::
 
@@ -55,10 +54,11 @@ PER_FOLD = 24
 
 
 def cases(
-    dataset, work: Path, seeds, scored=frozenset(), shifts=DEFAULT_SHIFTS
+    dataset, work: Path, seeds, scored=frozenset(), shifts=DEFAULT_SHIFTS, per_fold=PER_FOLD
 ) -> list[tuple[str, int, str, str, Path]]:
     """``(fold, seed, shift, image id, weights)`` of every image to score, with each
-    change of ``shifts`` (fluorescence; histopathology: as it is).
+    change of ``shifts`` (fluorescence: ``per_fold`` images of each fold, drawn with seed
+    0, or every image where ``per_fold`` is 0; histopathology: as it is).
 
     A case whose network is not in ``<work>/ckpt`` is kept when its probability is (in
     ``<work>/preset``) or when its file name is in ``scored`` (its scores are kept);
@@ -79,7 +79,9 @@ def cases(
     for seed in seeds:
         for fold, (_, _, ids) in folds(dataset, "fluorescence").items():
             weights = work / "ckpt" / f"s2l__fluorescence__{fold}__s{seed}.pt"
-            drawn = np.random.default_rng(0).choice(ids, min(PER_FOLD, len(ids)), replace=False)
+            drawn = ids
+            if 0 < per_fold < len(ids):
+                drawn = np.random.default_rng(0).choice(ids, per_fold, replace=False)
             for shift in shifts:
                 for image_id in sorted(drawn):
                     add(fold, seed, shift, image_id, weights)
@@ -176,7 +178,7 @@ def group_means(table):
     return table.groupby(keys)[["iou", "ap"]].mean().reset_index()
 
 
-def to_markdown(table, command: str) -> str:
+def to_markdown(table, command: str, per_fold: int = PER_FOLD) -> str:
     """The results page: held-out means, in-distribution, histopathology, per group."""
     from bench_generalization import IN_DISTRIBUTION
 
@@ -203,7 +205,8 @@ def to_markdown(table, command: str) -> str:
         "",
         f"Command: `{command}`",
         "",
-        f"{PER_FOLD} images a fold (seed 0), each network's probability at "
+        (f"{per_fold} images a fold (seed 0)" if per_fold else "Every image of each fold")
+        + ", each network's probability at "
         '`scale="auto"` with test-time augmentation; labels at every threshold and '
         "split depth (network's pixels), the preset's other settings as they are. "
         f"Changes: {', '.join(sorted(set(table['shift'])))} (x1: as they are; x0.5, x0.33: "
@@ -241,6 +244,10 @@ def main(argv: list[str] | None = None) -> None:
         "--shifts", nargs="+", choices=list(SHIFTS), default=list(DEFAULT_SHIFTS),
         help="changes of the fluorescence images to score",
     )  # fmt: skip
+    parser.add_argument(
+        "--per-fold", type=int, default=PER_FOLD,
+        help=f"fluorescence images drawn per fold (default {PER_FOLD}; 0: every image)",
+    )  # fmt: skip
     parser.add_argument("--output", type=Path, default=HERE / "results" / "generalization")
     args = parser.parse_args(argv)
 
@@ -257,7 +264,9 @@ def main(argv: list[str] | None = None) -> None:
         counts = grid.groupby("file").size()
         scored = frozenset(counts.index)
         complete = frozenset(counts[counts == len(THRESHOLDS) * len(SPLIT_DEPTHS)].index)
-    todo = cases(dataset, args.work, args.seeds, scored, args.shifts)
+    if args.per_fold < 0:
+        parser.error(f"--per-fold must be 0 (every image) or more, got {args.per_fold}")
+    todo = cases(dataset, args.work, args.seeds, scored, args.shifts, args.per_fold)
     if not todo:
         raise SystemExit("nothing to score: train the networks with bench_generalization.py")
     unscored = [case for case in todo if kept_name(*case[:4]) not in complete]
@@ -266,7 +275,7 @@ def main(argv: list[str] | None = None) -> None:
     names = {kept_name(*case[:4]) for case in todo}
     table = table[table.file.isin(names)]
     command = "python " + " ".join(shlex.quote(a) for a in sys.argv)
-    text = to_markdown(table, command)
+    text = to_markdown(table, command, args.per_fold)
     args.output.mkdir(parents=True, exist_ok=True)
     write_text(args.output / "preset_s2l.md", text)
     with atomic_path(args.output / "preset_s2l_per_image.csv.gz") as tmp:

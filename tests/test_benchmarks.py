@@ -496,6 +496,39 @@ def test_preset_sweep_keeps_cases_whose_scores_outlive_their_network(tmp_path, m
         preset.score_cases(without_network, tmp_path / "preset", kept)
 
 
+def test_preset_sweep_draws_per_fold_images_or_every_image(tmp_path, monkeypatch):
+    """24 images of a fold of 30 by default, the same 24 on every call; ``per_fold=0``
+    takes all 30, and a fold smaller than ``per_fold`` gives all it has."""
+    import sys
+
+    sys.path.insert(0, str(BENCHMARKS))
+    preset = _load("bench_preset")
+    import bench_generalization
+
+    folds = {"big": ([], [], [f"i{k:02d}" for k in range(30)]), "small": ([], [], ["s1", "s2"])}
+    monkeypatch.setattr(bench_generalization, "folds", lambda dataset, modality: folds)
+
+    class Histo:
+        def ids(self, modality, split):
+            return []
+
+    (tmp_path / "ckpt").mkdir()
+    for fold in folds:
+        (tmp_path / "ckpt" / f"s2l__fluorescence__{fold}__s0.pt").write_bytes(b"")
+
+    def drawn(**kwargs):
+        todo = preset.cases(Histo(), tmp_path, [0], shifts=["x1"], **kwargs)
+        return {fold: [c[3] for c in todo if c[0] == fold] for fold in folds}
+
+    default = drawn()
+    assert len(default["big"]) == preset.PER_FOLD == 24
+    assert set(default["big"]) < set(folds["big"][2])
+    assert default == drawn()
+    assert drawn(per_fold=0) == {f: sorted(ids) for f, (_, _, ids) in folds.items()}
+    assert drawn(per_fold=5)["small"] == ["s1", "s2"]
+    assert len(set(drawn(per_fold=5)["big"])) == 5
+
+
 def test_generalization_training_resumes_where_it_stopped(synthetic_samples, tmp_path):
     import torch
 
