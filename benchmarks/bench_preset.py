@@ -205,7 +205,11 @@ def to_markdown(table, command: str, per_fold: int = PER_FOLD) -> str:
         "",
         f"Command: `{command}`",
         "",
-        (f"{per_fold} images a fold (seed 0)" if per_fold else "Every image of each fold")
+        (
+            f"{per_fold} images a fold, drawn with seed 0 (every image of a smaller fold)"
+            if per_fold
+            else "Every image of each fold"
+        )
         + ", each network's probability at "
         '`scale="auto"` with test-time augmentation; labels at every threshold and '
         "split depth (network's pixels), the preset's other settings as they are. "
@@ -250,6 +254,8 @@ def main(argv: list[str] | None = None) -> None:
     )  # fmt: skip
     parser.add_argument("--output", type=Path, default=HERE / "results" / "generalization")
     args = parser.parse_args(argv)
+    if args.per_fold < 0:
+        parser.error(f"--per-fold must be 0 (every image) or more, got {args.per_fold}")
 
     import pandas as pd
     from bench_generalization import open_data
@@ -264,8 +270,6 @@ def main(argv: list[str] | None = None) -> None:
         counts = grid.groupby("file").size()
         scored = frozenset(counts.index)
         complete = frozenset(counts[counts == len(THRESHOLDS) * len(SPLIT_DEPTHS)].index)
-    if args.per_fold < 0:
-        parser.error(f"--per-fold must be 0 (every image) or more, got {args.per_fold}")
     todo = cases(dataset, args.work, args.seeds, scored, args.shifts, args.per_fold)
     if not todo:
         raise SystemExit("nothing to score: train the networks with bench_generalization.py")

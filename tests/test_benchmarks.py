@@ -529,6 +529,21 @@ def test_preset_sweep_draws_per_fold_images_or_every_image(tmp_path, monkeypatch
     assert len(set(drawn(per_fold=5)["big"])) == 5
 
 
+def test_preset_sweep_refuses_a_negative_per_fold_before_reading_anything(tmp_path, capsys):
+    """A negative ``--per-fold`` is refused by name, before the dataset or the kept
+    scores are read (the dataset named here does not exist)."""
+    import sys
+
+    sys.path.insert(0, str(BENCHMARKS))
+    preset = _load("bench_preset")
+    absent = tmp_path / "no-dataset"
+    with pytest.raises(SystemExit) as stop:
+        preset.main(["--per-fold", "-1", "--dataset", str(absent), "--work", str(tmp_path)])
+    assert stop.value.code == 2
+    assert "--per-fold must be 0 (every image) or more, got -1" in capsys.readouterr().err
+    assert sorted(tmp_path.iterdir()) == []
+
+
 def test_generalization_training_resumes_where_it_stopped(synthetic_samples, tmp_path):
     import torch
 
