@@ -218,23 +218,20 @@ def to_markdown(table, command: str, per_fold: int = PER_FOLD) -> str:
         f"{THRESHOLD}, split depth {SPLIT_DEPTH} for fluorescence; histopathology keeps "
         "0.5 and 2 (`Preset.for_training`).",
         "",
-        "## Held-out acquisition groups (mean of the groups), by change and seed",
-        "",
-        wide(held, ["shift", "seed"]),
-        "",
-        "## In-distribution networks on the test split, by change (mean of the seeds)",
-        "",
-        wide(mean[mean.fold == IN_DISTRIBUTION], ["shift"]),
-        "",
-        "## Histopathology networks on the validation split, by seed",
-        "",
-        wide(mean[mean.fold == "histopathology"], ["seed"]),
-        "",
-        "## Each held-out group as it is (mean of the seeds)",
-        "",
-        wide(held[held["shift"] == "x1"], ["fold"]),
-        "",
     ]
+    sections = [
+        ("Held-out acquisition groups (mean of the groups), by change and seed", held,
+         ["shift", "seed"]),
+        ("In-distribution networks on the test split, by change (mean of the seeds)",
+         mean[mean.fold == IN_DISTRIBUTION], ["shift"]),
+        ("Histopathology networks on the validation split, by seed",
+         mean[mean.fold == "histopathology"], ["seed"]),
+        ("Each held-out group as it is (mean of the seeds)", held[held["shift"] == "x1"],
+         ["fold"]),
+    ]  # fmt: skip
+    for title, part, by in sections:
+        shown = wide(part, by) if len(part) else "None scored in this run."
+        lines += [f"## {title}", "", shown, ""]
     return "\n".join(lines)
 
 

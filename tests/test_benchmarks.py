@@ -450,6 +450,10 @@ def test_preset_sweep_scores_kept_cases_and_averages_groups_then_seeds(tmp_path)
     assert means["iou"].mean() == 0.75
     page = preset.to_markdown(scores, "python benchmarks/bench_preset.py")
     assert "| 0.75 |" in " ".join(page.split())
+    # Only held-out groups were scored: the other sections say so, with no empty table.
+    assert page.count("None scored in this run.") == 2
+    assert "test split, by change (mean of the seeds)\n\nNone scored in this run." in page
+    assert "| threshold   | split_depth   |" not in page
 
 
 def test_preset_sweep_keeps_cases_whose_scores_outlive_their_network(tmp_path, monkeypatch, capsys):
