@@ -250,6 +250,9 @@ def main(argv: list[str] | None = None) -> None:
         help=f"fluorescence images drawn per fold (default {PER_FOLD}; 0: every image)",
     )  # fmt: skip
     parser.add_argument("--output", type=Path, default=HERE / "results" / "generalization")
+    parser.add_argument(
+        "--name", default="preset_s2l", help="stem of the files written (default preset_s2l)"
+    )
     args = parser.parse_args(argv)
     if args.per_fold < 0:
         parser.error(f"--per-fold must be 0 (every image) or more, got {args.per_fold}")
@@ -278,8 +281,8 @@ def main(argv: list[str] | None = None) -> None:
     command = "python " + " ".join(shlex.quote(a) for a in sys.argv)
     text = to_markdown(table, command, args.per_fold)
     args.output.mkdir(parents=True, exist_ok=True)
-    write_text(args.output / "preset_s2l.md", text)
-    with atomic_path(args.output / "preset_s2l_per_image.csv.gz") as tmp:
+    write_text(args.output / f"{args.name}.md", text)
+    with atomic_path(args.output / f"{args.name}_per_image.csv.gz") as tmp:
         table.drop(columns="file").to_csv(tmp, index=False, float_format="%.4f")
     print(text)
 
