@@ -511,6 +511,59 @@ def summarize(rows):
     return plain.groupby(keys)[list(SHOWN)].mean().reset_index()
 
 
+def method_figures(per_fold, variant: str, modality: str, preset: str = "default") -> dict:
+    """One method's figures in the benchmark, as a reference checkpoint's metrics hold them.
+
+    Parameters
+    ----------
+    per_fold : pandas.DataFrame
+        :func:`summarize`'s table (or the ``per_fold`` records of the report's JSON).
+    variant, modality, preset : str
+        The rows to take.
+
+    Returns
+    -------
+    dict
+        ``seeds``; ``test_split`` (the in-distribution fold) and, where the modality has
+        acquisition groups, ``held_out_mean`` (the mean over groups, then over seeds),
+        ``held_out_mean_per_seed`` and ``groups`` (each group's mean over seeds): IoU and
+        AP, rounded to 4 places.
+
+    Raises
+    ------
+    ValueError
+        When the table holds no row of that variant, modality and preset, or a seed lacks
+        a group that another seed has.
+    """
+    rows = per_fold[
+        (per_fold["variant"] == variant)
+        & (per_fold["modality"] == modality)
+        & (per_fold["preset"] == preset)
+    ]
+    if rows.empty:
+        raise ValueError(f"no rows of variant {variant!r}, {modality}, preset {preset!r}")
+    scores = ["iou", "ap"]
+    by_fold = rows.pivot_table(index="seed", columns="fold", values=scores)
+    if by_fold.isna().any().any():
+        raise ValueError(f"{variant} {modality} {preset}: not every seed has every fold")
+
+    out = {"variant": variant, "preset": preset, "seeds": [int(s) for s in by_fold.index]}
+    if IN_DISTRIBUTION in set(rows["fold"]):
+        out["test_split"] = {m: round(float(by_fold[m][IN_DISTRIBUTION].mean()), 4) for m in scores}
+    groups = sorted(set(rows["fold"]) - {IN_DISTRIBUTION})
+    if groups:
+        per_seed = {m: by_fold[m][groups].mean(axis=1) for m in scores}
+        out["held_out_mean"] = {m: round(float(per_seed[m].mean()), 4) for m in scores}
+        out["held_out_mean_per_seed"] = {
+            str(seed): {m: round(float(per_seed[m][seed]), 4) for m in scores}
+            for seed in by_fold.index
+        }
+        out["groups"] = {
+            g: {m: round(float(by_fold[m][g].mean()), 4) for m in scores} for g in groups
+        }
+    return out
+
+
 #: What the presets of the report are (:func:`presets`; ``earlier_default`` is the name
 #: the report gives to the ``default`` rows of jobs scored before the preset's threshold
 #: and split depth changed).

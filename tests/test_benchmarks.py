@@ -375,6 +375,37 @@ def test_generalization_summary_needs_every_group_for_a_held_out_mean():
     assert presets == f"Presets: `default`: {generalization.PRESET_NOTES['default']}."
 
 
+def test_method_figures_average_groups_per_seed_then_seeds():
+    """Known by hand: seed 0 holds out a 0.8, b 0.6 (mean 0.7); seed 1 a 0.7, b 0.5 (0.6)."""
+    rows = [
+        {"variant": v, "modality": "fluorescence", "preset": p, "seed": seed, "fold": fold,
+         "iou": iou, "ap": iou / 2}
+        for seed, fold, iou in [(0, "in-distribution", 0.9), (0, "a", 0.8), (0, "b", 0.6),
+                                (1, "in-distribution", 0.88), (1, "a", 0.7), (1, "b", 0.5)]
+        for v, p in [("s2l", "default"), ("s2l", "plain"), ("pce", "default")]
+    ]  # fmt: skip
+    per_fold = pd.DataFrame(rows)
+    per_fold.loc[per_fold["variant"] == "pce", "iou"] = 0.1  # other rows do not count
+    figures = generalization.method_figures(per_fold, "s2l", "fluorescence")
+    assert figures["seeds"] == [0, 1]
+    assert figures["test_split"] == {"iou": 0.89, "ap": 0.445}
+    assert figures["held_out_mean"] == {"iou": 0.65, "ap": 0.325}
+    assert figures["held_out_mean_per_seed"] == {
+        "0": {"iou": 0.7, "ap": 0.35}, "1": {"iou": 0.6, "ap": 0.3}
+    }  # fmt: skip
+    assert figures["groups"] == {"a": {"iou": 0.75, "ap": 0.375}, "b": {"iou": 0.55, "ap": 0.275}}
+    # A modality of one group has a test split only.
+    one = per_fold[per_fold["fold"] == "in-distribution"]
+    assert set(generalization.method_figures(one, "s2l", "fluorescence")) == {
+        "variant", "preset", "seeds", "test_split"
+    }  # fmt: skip
+    with pytest.raises(ValueError, match="not every seed has every fold"):
+        lacking = (per_fold["seed"] == 1) & (per_fold["fold"] == "b")
+        generalization.method_figures(per_fold[~lacking], "s2l", "fluorescence")
+    with pytest.raises(ValueError, match="no rows of variant 's2l', histopathology"):
+        generalization.method_figures(per_fold, "s2l", "histopathology")
+
+
 def test_generalization_defaults_point_to_shipped_files():
     assert generalization.VARIANTS.is_file()
     assert generalization.VARIANTS.parent == generalization.RESULTS

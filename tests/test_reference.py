@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from s2l_core.model import count_parameters
 from s2l_core.predict import Preset, load_model, predict_image, predict_probability
 
 REFERENCE = Path(__file__).resolve().parents[1] / "book" / "reference"
+TOOLS = REFERENCE.parents[1] / "tools"
 CHECKPOINT = REFERENCE / "s2l_fluorescence_r030.pt"
 METRICS = REFERENCE / "s2l_fluorescence_r030.json"
 #: The settings each reference was trained with: the ``cpu`` profile, and for
@@ -57,6 +59,23 @@ def test_reference_checkpoint_loads_with_current_code(modality):
     assert count_parameters(model) > 100_000
     prob = predict_foreground(model, np.zeros((3, 64, 80), np.float32))
     assert prob.shape == (64, 80) and np.isfinite(prob).all()
+
+
+@pytest.mark.parametrize("modality", list(TRAINED))
+def test_reference_metrics_repeat_the_generalization_benchmark(modality):
+    """The metrics file holds the benchmark's current figures of the method: rerun
+    ``tools/make_reference.py --generalization-only`` after its report changes."""
+    spec = importlib.util.spec_from_file_location("make_reference", TOOLS / "make_reference.py")
+    make_reference = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(make_reference)
+    info = json.loads((REFERENCE / f"s2l_{modality}_r030.json").read_text())
+    figures = info["generalization"]
+    assert figures == make_reference.generalization_figures(modality)
+    assert figures["variant"] == "s2l" and figures["preset"] == "default"
+    assert len(figures["seeds"]) >= 2  # a figure that decides a design choice: two seeds
+    if modality == "fluorescence":  # acquisition groups: every one held out in turn
+        assert set(figures["groups"]) == {"256x256", "360x360", "520x696", "other"}
+        assert figures["held_out_mean"]["iou"] < figures["test_split"]["iou"]
 
 
 @pytest.mark.slow

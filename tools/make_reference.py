@@ -7,7 +7,9 @@ float32 when loaded), with the prediction preset (:class:`s2l_core.predict.Prese
 that ``s2l predict`` uses for them. The metrics are those of the weights as stored, on
 the persisted test split (in-distribution) at the preset and plain (scale 1, no TTA),
 and on the same images changed as in the generalization benchmark's shift sweep (IoU and
-AP).
+AP). The file also repeats the generalization benchmark's figures of Scribble2Label at
+the default preset (``benchmarks/results/generalization/generalization.json``: networks
+trained as this one is, each scored on an acquisition group it never saw).
 
 Usage (the documented commands)::
 
@@ -15,6 +17,7 @@ Usage (the documented commands)::
     python tools/make_reference.py --modality histopathology --cpu-bf16
     python tools/make_reference.py --resume     # continues an interrupted run
     python tools/make_reference.py --rescore    # the weights already there, scored again
+    python tools/make_reference.py --generalization-only   # the benchmark's figures again
 """
 
 from __future__ import annotations
@@ -42,7 +45,13 @@ from s2l_core.train import Trainer
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from bench_generalization import SHIFTS, score_network, shift_image  # noqa: E402
+from bench_generalization import (  # noqa: E402
+    RESULTS,
+    SHIFTS,
+    method_figures,
+    score_network,
+    shift_image,
+)
 
 MIRROR = ROOT.parent / "shared" / "data" / "bbbc038" / "stage1_train.zip"
 METRICS = list(SCORES)
@@ -50,6 +59,23 @@ METRICS = list(SCORES)
 #: images, so its epochs hold 160 crops (ten batches), and 51 of them end the last cosine
 #: cycle with the run.
 MODALITY_OVERRIDES = {"histopathology": {"epochs": 51, "samples_per_epoch": 160}}
+#: The generalization benchmark's results, whose Scribble2Label figures (its networks
+#: trained as the reference is, one per held-out group) the metrics file repeats.
+GENERALIZATION = RESULTS / "generalization.json"
+
+
+def generalization_figures(modality: str, results: Path = GENERALIZATION) -> dict | None:
+    """The ``s2l`` variant's figures at the default preset in the benchmark's results
+    (:func:`bench_generalization.method_figures`) with the results file's path, or
+    ``None`` when the file holds none for the modality."""
+    if not results.is_file():
+        return None
+    per_fold = pd.DataFrame(json.loads(results.read_text())["per_fold"])
+    try:
+        figures = method_figures(per_fold, "s2l", modality)
+    except ValueError:
+        return None
+    return {"results": results.relative_to(ROOT).as_posix(), **figures}
 
 
 def main() -> None:
@@ -77,12 +103,28 @@ def main() -> None:
         "the same settings) and write it again with the current preset and metrics",
     )
     parser.add_argument(
+        "--generalization-only",
+        action="store_true",
+        help="copy the generalization benchmark's figures into the metrics file already in "
+        "--out and change nothing else (after the benchmark's report is written again)",
+    )
+    parser.add_argument(
         "--shifts",
         nargs="+",
         help="score only these shifts now (runs side by side share "
         "their results); the metrics file is written once every shift is scored",
     )
     args = parser.parse_args()
+    name = f"s2l_{args.modality}_r{round(args.ratio * 100):03d}"
+    if args.generalization_only:
+        metrics = args.out / f"{name}.json"
+        if not metrics.is_file():
+            raise SystemExit(f"no metrics file {metrics}: make the reference first")
+        info = json.loads(metrics.read_text())
+        info["generalization"] = generalization_figures(args.modality)
+        write_json(metrics, info)
+        print(f"{metrics}: generalization {info['generalization']}")
+        return
 
     dataset = data.prepare_dataset(args.source, args.cache_dir, progress=False)
     scribble_set = scribbles.prepare_scribbles(dataset, [args.ratio], progress=False)
@@ -91,7 +133,6 @@ def main() -> None:
     if args.cpu_bf16:
         overrides = {**overrides, "cpu_bf16": True}
     config = TrainConfig.profile(args.profile, seed=args.seed, **overrides)
-    name = f"s2l_{args.modality}_r{round(args.ratio * 100):03d}"
     checkpoint = args.out / f"{name}.pt"
     command = "python " + " ".join(shlex.quote(a) for a in sys.argv)
     preset = Preset.for_training("s2l", args.modality)
@@ -193,7 +234,7 @@ def main() -> None:
             .round(4)
             .to_dict("index"),
             "shifts": shifted,
-            "generalization": "benchmarks/results/generalization/generalization.md",
+            "generalization": generalization_figures(args.modality),
             "final_epoch": final_epoch,
         },
     )
