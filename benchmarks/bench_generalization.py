@@ -78,9 +78,12 @@ SHIFTS: dict[str, list[tuple[str, str, float]]] = {
 SHOWN = ("iou", "ap", "f1", "aji")
 
 
-def presets(modality: str = "fluorescence") -> dict[str, tuple[str, object]]:
-    """Prediction settings scored for every network of a modality: name ->
-    (probability, preset).
+def presets(modality: str = "fluorescence", method: str = "s2l") -> dict[str, tuple[str, object]]:
+    """Prediction settings scored for a network of a modality trained by a method
+    (``s2l``, ``pce`` or ``full``): name -> (probability, preset). The clean-up of all
+    but ``plain`` and ``auto_tta_raw`` is that of ``Preset.for_training(method,
+    modality)``, the preset ``s2l train`` stores with such a network, so that
+    ``default`` is what ``s2l predict`` does with it.
 
     The probability is one of ``scale1`` (plain, scale 1), ``scale1_tta``, ``up`` (the
     earlier ``scale="auto"``, which only magnified, towards 40 pixels), ``auto``
@@ -91,8 +94,8 @@ def presets(modality: str = "fluorescence") -> dict[str, tuple[str, object]]:
     from s2l_core.evaluate import PLAIN as raw
     from s2l_core.predict import Preset
 
-    # Threshold, split depth, min_size, min_peak, smooth of the modality's preset.
-    post = Preset.for_training("s2l", modality)
+    # Threshold, split depth, min_size, min_peak, smooth of the network's preset.
+    post = Preset.for_training(method, modality)
     return {
         "plain": ("scale1", raw),
         "post": ("scale1", post),
@@ -379,11 +382,13 @@ def run_job(job: dict) -> str:
         for i in ids:
             yield i, dataset.image(i), dataset.labels(i)
 
-    named = presets(job["modality"])
+    method = job["variant"]["method"]
+    named = presets(job["modality"], method)
     named = {k: v for k, v in named.items() if not job["presets"] or k in job["presets"]}
     rows = [r | {"shift": "none"} for r in score_network(model, images(score_ids), device, named)]
     if job["fold"] == IN_DISTRIBUTION and job.get("shifts", True):
-        named = {k: v for k, v in presets(job["modality"]).items() if k in ("plain", "default")}
+        named = presets(job["modality"], method)
+        named = {k: v for k, v in named.items() if k in ("plain", "default")}
         for shift, kind, amount in SHIFTS[job["modality"]]:
             shifted = (
                 (i, *shift_image(img, lab, kind, amount, seed=k))
@@ -573,7 +578,8 @@ PRESET_NOTES = {
     "tta": "scale 1, averaged over the eight turns and mirror images (TTA)",
     "up": "the earlier automatic scale (magnifies only), the preset's threshold",
     "auto": "the automatic scale, no averaging, the preset's threshold and clean-up",
-    "default": "what `s2l predict` does: the modality's preset (`Preset.for_training`)",
+    "default": "what `s2l predict` does: the preset of the network's method and modality "
+    "(`Preset.for_training`)",
     "auto_tta_raw": "the automatic scale and TTA, thresholded plainly",
     "auto_tta_t0.5": "the preset with threshold 0.5 and split depth 2",
     "earlier_default": "the preset as it was before its threshold became 0.6 and its split "

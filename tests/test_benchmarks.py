@@ -406,6 +406,20 @@ def test_method_figures_average_groups_per_seed_then_seeds():
         generalization.method_figures(per_fold, "s2l", "histopathology")
 
 
+def test_generalization_default_is_what_s2l_predict_does_with_each_network():
+    from s2l_core.evaluate import PLAIN
+    from s2l_core.predict import Preset
+
+    for method in ("s2l", "pce", "full"):
+        for modality in ("fluorescence", "histopathology"):
+            named = generalization.presets(modality, method)
+            assert named["default"] == ("auto_tta", Preset.for_training(method, modality))
+            assert named["plain"] == ("scale1", PLAIN)
+    # A network trained on full masks is less confident: its preset keeps lower peaks.
+    assert generalization.presets("fluorescence", "full")["default"][1].min_peak == 0.9
+    assert generalization.presets("fluorescence")["default"][1].min_peak == 0.99
+
+
 def test_generalization_defaults_point_to_shipped_files():
     assert generalization.VARIANTS.is_file()
     assert generalization.VARIANTS.parent == generalization.RESULTS
