@@ -61,13 +61,18 @@ def test_reference_checkpoint_loads_with_current_code(modality):
     assert prob.shape == (64, 80) and np.isfinite(prob).all()
 
 
+@pytest.fixture(scope="module")
+def make_reference():
+    spec = importlib.util.spec_from_file_location("make_reference", TOOLS / "make_reference.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 @pytest.mark.parametrize("modality", list(TRAINED))
-def test_reference_metrics_repeat_the_generalization_benchmark(modality):
+def test_reference_metrics_repeat_the_generalization_benchmark(make_reference, modality):
     """The metrics file holds the benchmark's current figures of the method: rerun
     ``tools/make_reference.py --generalization-only`` after its report changes."""
-    spec = importlib.util.spec_from_file_location("make_reference", TOOLS / "make_reference.py")
-    make_reference = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(make_reference)
     info = json.loads((REFERENCE / f"s2l_{modality}_r030.json").read_text())
     figures = info["generalization"]
     assert figures == make_reference.generalization_figures(modality)
@@ -76,6 +81,24 @@ def test_reference_metrics_repeat_the_generalization_benchmark(modality):
     if modality == "fluorescence":  # acquisition groups: every one held out in turn
         assert set(figures["groups"]) == {"256x256", "360x360", "520x696", "other"}
         assert figures["held_out_mean"]["iou"] < figures["test_split"]["iou"]
+
+
+def test_generalization_figures_of_missing_or_partial_results(make_reference, tmp_path):
+    results = tmp_path / "generalization.json"
+    assert make_reference.generalization_figures("fluorescence", results) is None  # no file
+    row = {"variant": "s2l", "modality": "fluorescence", "preset": "default", "seed": 0}
+    per_fold = [row | {"fold": "in-distribution", "iou": 0.9, "ap": 0.6},
+                row | {"fold": "a", "iou": 0.8, "ap": 0.5},
+                row | {"fold": "a", "seed": 1, "iou": 0.7, "ap": 0.4},
+                row | {"fold": "in-distribution", "seed": 1, "iou": 0.8, "ap": 0.5}]  # fmt: skip
+    results.write_text(json.dumps({"per_fold": per_fold}))
+    figures = make_reference.generalization_figures("fluorescence", results)
+    assert Path(figures["results"]) == results.resolve()  # outside the project: whole path
+    assert figures["held_out_mean"] == {"iou": 0.75, "ap": 0.45}
+    assert make_reference.generalization_figures("histopathology", results) is None
+    results.write_text(json.dumps({"per_fold": per_fold[:3]}))  # seed 1 lacks its test split
+    with pytest.raises(ValueError, match="not every seed has every fold"):
+        make_reference.generalization_figures("fluorescence", results)
 
 
 @pytest.mark.slow

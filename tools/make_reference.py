@@ -67,15 +67,17 @@ GENERALIZATION = RESULTS / "generalization.json"
 def generalization_figures(modality: str, results: Path = GENERALIZATION) -> dict | None:
     """The ``s2l`` variant's figures at the default preset in the benchmark's results
     (:func:`bench_generalization.method_figures`) with the results file's path, or
-    ``None`` when the file holds none for the modality."""
+    ``None`` when there is no such file or it holds no such row for the modality; a
+    results file in which a seed lacks a group is an error (``ValueError``)."""
     if not results.is_file():
         return None
     per_fold = pd.DataFrame(json.loads(results.read_text())["per_fold"])
-    try:
-        figures = method_figures(per_fold, "s2l", modality)
-    except ValueError:
+    chosen = (per_fold["variant"] == "s2l") & (per_fold["preset"] == "default")
+    if not (chosen & (per_fold["modality"] == modality)).any():
         return None
-    return {"results": results.relative_to(ROOT).as_posix(), **figures}
+    path = results.resolve()
+    shown = path.relative_to(ROOT).as_posix() if path.is_relative_to(ROOT) else str(path)
+    return {"results": shown, **method_figures(per_fold, "s2l", modality)}
 
 
 def main() -> None:
