@@ -569,9 +569,7 @@ def method_figures(per_fold, variant: str, modality: str, preset: str = "default
     return out
 
 
-#: What the presets of the report are (:func:`presets`; ``earlier_default`` is the name
-#: the report gives to the ``default`` rows of jobs scored before the preset's threshold
-#: and split depth changed).
+#: What the presets of the report are (:func:`presets`).
 PRESET_NOTES = {
     "plain": "scale 1, no averaging, threshold 0.5, split depth 2, objects of 16 pixels or more",
     "post": "scale 1, no averaging, the preset's threshold and clean-up",
@@ -582,8 +580,6 @@ PRESET_NOTES = {
     "(`Preset.for_training`)",
     "auto_tta_raw": "the automatic scale and TTA, thresholded plainly",
     "auto_tta_t0.5": "the preset with threshold 0.5 and split depth 2",
-    "earlier_default": "the preset as it was before its threshold became 0.6 and its split "
-    "depth 1: threshold 0.5, split depth 2 (in the image's pixels); scored then",
 }
 
 
