@@ -382,13 +382,11 @@ def run_job(job: dict) -> str:
         for i in ids:
             yield i, dataset.image(i), dataset.labels(i)
 
-    method = job["variant"]["method"]
-    named = presets(job["modality"], method)
-    named = {k: v for k, v in named.items() if not job["presets"] or k in job["presets"]}
+    every = presets(job["modality"], job["variant"]["method"])
+    named = {k: v for k, v in every.items() if not job["presets"] or k in job["presets"]}
     rows = [r | {"shift": "none"} for r in score_network(model, images(score_ids), device, named)]
     if job["fold"] == IN_DISTRIBUTION and job.get("shifts", True):
-        named = presets(job["modality"], method)
-        named = {k: v for k, v in named.items() if k in ("plain", "default")}
+        named = {k: v for k, v in every.items() if k in ("plain", "default")}
         for shift, kind, amount in SHIFTS[job["modality"]]:
             shifted = (
                 (i, *shift_image(img, lab, kind, amount, seed=k))
